@@ -1,0 +1,100 @@
+"""The multi-tenant rational activation as one call: Triton on GPU, the torch reference on CPU.
+
+`rational_act(x, table, slot, ...)` computes, for every token t, the activation of x[t] with the
+coefficients of table row slot[t] (semantics in nora_runtime.kernels.rational_fwd), and is
+differentiable w.r.t. x and table. The backend is chosen per call: Triton for CUDA tensors, the
+torch reference otherwise; NORA_BACKEND=torch|triton forces one (triton on CPU tensors needs
+TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nora_runtime.rational import base_activation, rational
+
+try:  # triton is only a dependency on Linux x86_64
+    from nora_runtime.kernels.rational_bwd import rational_backward
+    from nora_runtime.kernels.rational_fwd import rational_forward
+except ImportError:  # pragma: no cover - platforms without triton
+    rational_forward = rational_backward = None
+
+
+def rational_act_ref(
+    x: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, *, act: str, mode: str,
+    clamp: float = 4.0, up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference, float32 math. x: [T, C]; table: [S, G, 10] f32; slot: [T] int."""
+    T, C = x.shape
+    G = table.shape[1]
+    xg = x.float().reshape(T, G, C // G)  # [T, G, GS]
+    coef = table[slot.long()].unsqueeze(2)  # [T, G, 1, 10]
+    if mode == "replace":
+        y = rational(xg, coef)
+    elif mode == "residual":
+        xc = xg.clamp(-clamp, clamp)
+        delta = rational(xc, coef) - rational(xc, table[0].detach().unsqueeze(1))
+        y = base_activation(act, xg) + delta * (slot != 0).view(T, 1, 1)
+    else:
+        raise ValueError(f"mode must be 'replace' or 'residual', got {mode!r}")
+    y = y.reshape(T, C)
+    if up is not None:
+        y = y * up.float()
+    return y.to(x.dtype)
+
+
+class _RationalTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, table, slot, act, mode, clamp):
+        ctx.save_for_backward(x, table, slot)
+        ctx.cfg = (act, mode, clamp)
+        return rational_forward(x, table, slot, act=act, mode=mode, clamp=clamp)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, table, slot = ctx.saved_tensors
+        act, mode, clamp = ctx.cfg
+        dx, dtab = rational_backward(dy.contiguous(), x, table, slot, act=act, mode=mode,
+                                     clamp=clamp)
+        return dx, dtab, None, None, None, None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    forced = os.environ.get("NORA_BACKEND", "")
+    if forced not in ("", "torch", "triton"):
+        raise ValueError(f"NORA_BACKEND must be torch or triton, got {forced!r}")
+    if forced:
+        return forced == "triton"
+    return x.is_cuda and rational_forward is not None
+
+
+def rational_act(
+    x: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, *, act: str, mode: str,
+    clamp: float = 4.0, up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-tenant rational activation of x [..., C] (optionally times `up`, SwiGLU).
+
+    table: [S, G, 10] float32; slot: int tensor of x's leading shape (one slot per token).
+    Differentiable w.r.t. x and table (the fused `up` path is inference-only on Triton).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    s = slot.reshape(-1).to(torch.int32)
+    if s.numel() != x2.shape[0]:
+        raise ValueError(f"slot has {s.numel()} entries for {x2.shape[0]} tokens")
+    u2 = None if up is None else up.reshape(-1, shape[-1])
+    if not use_triton(x):
+        return rational_act_ref(x2, table, s, act=act, mode=mode, clamp=clamp, up=u2).view(shape)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if u2 is not None:
+        if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad
+                                        or u2.requires_grad):
+            # training keeps the gate ungated so the Triton backward applies; autograd does * up
+            return (_RationalTriton.apply(x2, table, s, act, mode, clamp) * u2).view(shape)
+        return rational_forward(x2, table, s, act=act, mode=mode, clamp=clamp,
+                                up=u2.contiguous()).view(shape)
+    if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):
+        return _RationalTriton.apply(x2, table, s, act, mode, clamp).view(shape)
+    return rational_forward(x2, table, s, act=act, mode=mode, clamp=clamp).view(shape)
