@@ -159,7 +159,7 @@ def fit(kind: str, fit_range: float, n: int = 4001, rounds: int = 40) -> torch.T
 def refit(path: Path = FITS_PATH, fit_range: float = 4.0) -> dict:
     out = {}
     for kind in ACTIVATIONS:
-        c = fit(kind, fit_range)
+        c = fit(kind, fit_range).float().double()  # ship what the kernels use: float32
         out[kind] = {
             "coef": [float(v) for v in c],
             "fit_range": fit_range,
