@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from nora_runtime.rational import (
-    ACTIVATIONS, base_activation, base_coefficients, fit, group_of_channel, load_fits,
-    max_fit_error, rational,
+    ACTIVATIONS,
+    base_activation,
+    base_coefficients,
+    fit,
+    group_of_channel,
+    load_fits,
+    max_fit_error,
+    rational,
 )
 
 # Measured max |R - act| on [-4, 4] with the shipped fits (float64, 200,001 points).
