@@ -1,0 +1,437 @@
+"""NoRA adapters (DESIGN.md s1): low-rank updates of a frozen model's rational coefficients.
+
+Per activation site l (rank r, scale s = alpha / r, G' groups, G' a multiple of the base's G):
+
+    a[l] = expand(a_base[l], G') + s * num_B[l] @ num_A[l]      num_B: [G', r]  num_A: [r, 6]
+    b[l] = expand(b_base[l], G') + s * den_B[l] @ den_A[l]      den_B: [G', r]  den_A: [r, 4]
+
+A is kaiming-uniform, B zero, so a new adapter is its base exactly. `merged()` gives the
+effective coefficients [L, G', 10] float32, the "coefficient set" the server writes into its
+table (after `expand_groups` to the table's G).
+
+File format: one safetensors file. Tensors (float32, sites stacked first): base [L, G_base, 10],
+num_A [L, r, 6], num_B [L, G', r], den_A [L, r, 4], den_B [L, G', r]. Metadata (all str):
+format="nora-adapter", format_version="1", base_fingerprint, act, mode, groups (G'),
+base_groups (G_base), rank, alpha (repr of a float), sites (JSON list of site names).
+
+`load_adapter` validates everything and raises a subclass of AdapterError (a ValueError):
+AdapterMismatchError when a sound adapter does not fit the model it is checked against (the
+server answers FAILED_PRECONDITION), any other AdapterError when the file itself is bad
+(INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
+
+from nora_runtime.rational import ACTIVATIONS, N_COEF, N_DEN, N_NUM
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+MODES = ("replace", "residual")
+FORMAT = "nora-adapter"
+FORMAT_VERSION = "1"
+FACTORS = ("num_A", "num_B", "den_A", "den_B")
+TENSORS = ("base", *FACTORS)
+META_KEYS = ("format", "format_version", "base_fingerprint", "act", "mode", "groups",
+             "base_groups", "rank", "alpha", "sites")
+# An 80-layer adapter with G' = 64 and r = 16 is ~0.4 MB; anything near this is not an adapter,
+# and refusing it up front keeps a hostile upload from costing a large read and JSON parse.
+MAX_ADAPTER_BYTES = 64 << 20
+
+
+class AdapterError(ValueError):
+    """A stored adapter could not be used."""
+
+
+class AdapterFormatError(AdapterError):
+    """Not a nora adapter file: not safetensors, truncated, missing or malformed entries."""
+
+
+class AdapterVersionError(AdapterError):
+    """A nora adapter file of a format version this build cannot read."""
+
+
+class AdapterShapeError(AdapterError):
+    """Tensor shapes disagree with the metadata or with each other."""
+
+
+class AdapterValueError(AdapterError):
+    """NaN or inf in the adapter's tensors or in its merged coefficients."""
+
+
+class AdapterMismatchError(AdapterError):
+    """A sound adapter that does not fit the model it is checked against."""
+
+
+class FingerprintMismatch(AdapterMismatchError):
+    """The adapter was trained on a different base model."""
+
+
+class ModeMismatch(AdapterMismatchError):
+    """The adapter's mode (replace / residual) differs from the served model's."""
+
+
+class ActivationMismatch(AdapterMismatchError):
+    """The adapter's base activation kind differs from the served model's."""
+
+
+class SiteCountMismatch(AdapterMismatchError):
+    """The adapter has a different number of activation sites than the served model."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything that defines an adapter's shape and meaning, except its base model."""
+
+    act: str  # base activation kind, one of ACTIVATIONS
+    mode: str  # "replace" or "residual"
+    sites: tuple[str, ...]  # activation site names, L of them
+    base_groups: int  # G_base of the frozen base coefficients
+    groups: int  # G' of the adapter, a multiple of base_groups
+    rank: int  # r
+    alpha: float  # scale s = alpha / r
+
+    def __post_init__(self) -> None:
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.sites or not all(isinstance(s, str) and s for s in self.sites):
+            raise ValueError(f"sites must be non-empty strings, at least one; got {self.sites!r}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites must be distinct, got {self.sites!r}")
+        for name in ("base_groups", "groups", "rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.groups % self.base_groups:
+            raise ValueError(f"groups={self.groups} must be a multiple of "
+                             f"base_groups={self.base_groups}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each stored tensor."""
+        L, G0, G, r = len(self.sites), self.base_groups, self.groups, self.rank
+        return {"base": (L, G0, N_COEF), "num_A": (L, r, N_NUM), "num_B": (L, G, r),
+                "den_A": (L, r, N_DEN), "den_B": (L, G, r)}
+
+
+def expand_groups(coefs: torch.Tensor, groups: int) -> torch.Tensor:
+    """[L, G, 10] -> [L, groups, 10]: group g' of `groups` takes the row of group g' // (groups/G).
+
+    Channel groups are contiguous (channel c is in group c // (C / G)), so each of the G groups
+    splits into groups / G consecutive finer ones with the same coefficients.
+    """
+    G = coefs.shape[1]
+    if groups < 1 or groups % G:
+        raise ValueError(f"cannot expand {G} groups to {groups}: need a positive multiple of {G}")
+    return coefs.repeat_interleave(groups // G, dim=1)
+
+
+def merge(base: torch.Tensor, num_A: torch.Tensor, num_B: torch.Tensor, den_A: torch.Tensor,
+          den_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Effective coefficients [L, G', 10] (DESIGN.md s1); shapes as in AdapterSpec.shapes."""
+    delta = torch.cat([num_B @ num_A, den_B @ den_A], dim=-1)  # [L, G', 10]
+    return expand_groups(base, num_B.shape[1]) + scale * delta
+
+
+class NoraAdapter(torch.nn.Module):
+    """Trainable NoRA factors for L activation sites over frozen base coefficients.
+
+    base: [L, G_base, 10], or [L, 10] / [10] (one group; [10] shared by all sites), kept as a
+    float32 buffer (not a parameter). groups: G', a multiple of G_base (default G_base).
+    """
+
+    def __init__(self, base: torch.Tensor, *, rank: int = 3, alpha: float = 6.0,
+                 groups: int | None = None, site_names: list[str], act: str, mode: str) -> None:
+        super().__init__()
+        base = _base_tensor(base, len(site_names))  # [L, G_base, 10]
+        G0 = base.shape[1]
+        self.spec = AdapterSpec(act=act, mode=mode, sites=tuple(site_names), base_groups=G0,
+                                groups=G0 if groups is None else groups, rank=rank,
+                                alpha=float(alpha))
+        self.register_buffer("base", base)
+        shapes = self.spec.shapes()
+        for name in FACTORS:
+            p = torch.zeros(shapes[name], dtype=torch.float32, device=base.device)
+            if name.endswith("_A"):
+                for a in p:  # per site: fan_in is that site's [r, k] matrix's, as in LoRA
+                    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.register_parameter(name, torch.nn.Parameter(p))
+
+    def merged(self) -> torch.Tensor:
+        """Effective coefficients [L, G', 10] float32, differentiable w.r.t. the factors."""
+        return merge(self.base, self.num_A, self.num_B, self.den_A, self.den_B, self.spec.scale)
+
+
+def _base_tensor(base: torch.Tensor, n_sites: int) -> torch.Tensor:
+    """A private float32 [L, G_base, 10] copy of `base` given as [L, G, 10], [L, 10] or [10]."""
+    b = base.detach().to(torch.float32)
+    if b.dim() == 1:
+        b = b.expand(n_sites, N_COEF)
+    if b.dim() == 2:
+        b = b.unsqueeze(1)
+    if b.dim() != 3 or b.shape[0] != n_sites or b.shape[2] != N_COEF:
+        raise ValueError(f"base must be [L, G, {N_COEF}], [L, {N_COEF}] or [{N_COEF}] with "
+                         f"L={n_sites} sites, got {tuple(base.shape)}")
+    if not torch.isfinite(b).all():
+        raise ValueError("base coefficients contain NaN or inf")
+    return b.clone()
+
+
+# ---- base-model fingerprint ----------------------------------------------------------------
+
+# Keys of config.to_dict() that do not identify the base model, dropped (at every nesting
+# level) before hashing:
+# - any key starting with "_": `_name_or_path` is where it was loaded from; `_commit_hash`,
+#   `_attn_implementation*` are transformers' runtime bookkeeping;
+# - "transformers_version": the library version that wrote the config;
+# - "dtype" / "torch_dtype": the precision the weights were stored or loaded in;
+# - "architectures": set by save_pretrained, None on a freshly built model, so one set of
+#   weights would get two fingerprints (model_type and the weights still identify the model);
+# - "use_cache", "output_attentions", "output_hidden_states", "return_dict": runtime switches.
+VOLATILE_CONFIG_KEYS = frozenset({
+    "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict",
+})
+N_WEIGHT_VALUES = 256  # embedding values hashed: enough to tell checkpoints apart
+
+
+def _stable_config(d: dict[Any, Any]) -> dict[Any, Any]:
+    def volatile(k: Any) -> bool:  # keys may be ints (id2label)
+        return isinstance(k, str) and (k.startswith("_") or k in VOLATILE_CONFIG_KEYS)
+
+    return {k: _stable_config(v) if isinstance(v, dict) else v for k, v in d.items()
+            if not volatile(k)}
+
+
+def base_fingerprint(model_or_config: PreTrainedModel | PretrainedConfig | dict[str, Any],
+                     act: str) -> str:
+    """Hex sha256 identifying the base model an adapter belongs to (and its activation kind).
+
+    Hashes canonical JSON (sorted keys, no spaces) of `act` and the transformers config dict
+    without VOLATILE_CONFIG_KEYS. Given a model, it also hashes the first N_WEIGHT_VALUES values
+    of the input embedding weight, rounded to bfloat16 and stored as little-endian float32, so
+    that checkpoints with one config but different weights differ while one checkpoint loaded
+    in float32 or bfloat16 does not (float16 loads round differently and are not covered).
+    Weights elsewhere are not hashed: a fine-tune with a frozen embedding shares the base's
+    fingerprint. Compute it on the model before its activations are converted.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    is_model = hasattr(model_or_config, "get_input_embeddings")
+    config = model_or_config.config if is_model else model_or_config
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    doc = {"act": act, "config": _stable_config(cfg)}
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                                  default=str).encode())
+    if is_model:
+        w = model_or_config.get_input_embeddings().weight.detach().reshape(-1)[:N_WEIGHT_VALUES]
+        w = w.to(device="cpu", dtype=torch.bfloat16).float()
+        h.update(w.numpy().astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+# ---- file format ---------------------------------------------------------------------------
+
+
+def _file_parts(adapter: NoraAdapter,
+                base_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not isinstance(base_fingerprint, str) or not base_fingerprint:
+        raise ValueError(f"base_fingerprint must be a non-empty str, got {base_fingerprint!r}")
+    spec = adapter.spec
+    tensors = {n: getattr(adapter, n).detach().to("cpu", torch.float32).contiguous()
+               for n in TENSORS}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "base_fingerprint": base_fingerprint, "act": spec.act, "mode": spec.mode,
+            "groups": str(spec.groups), "base_groups": str(spec.base_groups),
+            "rank": str(spec.rank), "alpha": repr(spec.alpha), "sites": json.dumps(spec.sites)}
+    return tensors, meta
+
+
+def save_adapter(adapter: NoraAdapter, path: str | os.PathLike[str], *,
+                 base_fingerprint: str) -> None:
+    """Write `adapter` as a nora adapter safetensors file."""
+    tensors, meta = _file_parts(adapter, base_fingerprint)
+    st_save_file(tensors, path, metadata=meta)
+
+
+def adapter_to_bytes(adapter: NoraAdapter, *, base_fingerprint: str) -> bytes:
+    """The bytes `save_adapter` would write."""
+    tensors, meta = _file_parts(adapter, base_fingerprint)
+    return st_save(tensors, metadata=meta)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedAdapter:
+    """A validated adapter file: its spec, its base model and its merged coefficients."""
+
+    spec: AdapterSpec
+    base_fingerprint: str
+    coefs: torch.Tensor  # [L, G', 10] float32, merged once at load
+    tensors: dict[str, torch.Tensor] = field(repr=False)  # as stored (TENSORS); read-only
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the merged coefficient set."""
+        return self.coefs.nbytes
+
+    def to_module(self) -> NoraAdapter:
+        """A trainable NoraAdapter with the stored base and factors (to resume training)."""
+        s = self.spec
+        m = NoraAdapter(self.tensors["base"], rank=s.rank, alpha=s.alpha, groups=s.groups,
+                        site_names=list(s.sites), act=s.act, mode=s.mode)
+        with torch.no_grad():
+            for name in FACTORS:
+                getattr(m, name).copy_(self.tensors[name])
+        return m
+
+
+def load_adapter(path_or_bytes: str | os.PathLike[str] | bytes, *,
+                 expect_fingerprint: str | None = None, expect_mode: str | None = None,
+                 expect_act: str | None = None, expect_sites: int | None = None) -> LoadedAdapter:
+    """Read, validate and merge a nora adapter file (a path, or the file's bytes).
+
+    The file is checked in full first (AdapterFormatError, AdapterVersionError,
+    AdapterShapeError, AdapterValueError), then against each given expectation
+    (AdapterMismatchError subclasses). A missing path raises the usual OSError.
+    """
+    data = _read(path_or_bytes)
+    meta = _metadata(data)
+    spec = _spec(meta)
+    tensors = _tensors(data, spec)
+    coefs = merge(*(tensors[n] for n in TENSORS), spec.scale)  # [L, G', 10]
+    _check_finite(tensors, coefs)
+    loaded = LoadedAdapter(spec=spec, base_fingerprint=meta["base_fingerprint"], coefs=coefs,
+                           tensors=tensors)
+    _check_expected(loaded, expect_fingerprint, expect_mode, expect_act, expect_sites)
+    return loaded
+
+
+def _read(path_or_bytes: str | os.PathLike[str] | bytes) -> bytes:
+    data = path_or_bytes
+    if not isinstance(data, bytes):
+        with open(data, "rb") as f:
+            data = f.read(MAX_ADAPTER_BYTES + 1)  # bounded: never read a huge upload in full
+    if len(data) > MAX_ADAPTER_BYTES:
+        raise AdapterFormatError(f"adapter file exceeds the {MAX_ADAPTER_BYTES}-byte limit")
+    return data
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__, checked for format, version and required keys."""
+    if len(data) < 8:
+        raise AdapterFormatError(f"not a safetensors file: {len(data)} bytes, shorter than the "
+                                 "8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise AdapterFormatError(f"truncated or not a safetensors file: header length {n} "
+                                 f"exceeds the {len(data) - 8} bytes that follow")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e})") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterFormatError("not a nora adapter: safetensors header has no __metadata__ "
+                                 "of strings")
+    if meta.get("format") != FORMAT:
+        raise AdapterFormatError(f"not a nora adapter: metadata format={meta.get('format')!r}, "
+                                 f"expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterVersionError(f"unsupported format_version={meta.get('format_version')!r}; "
+                                  f"this build reads {FORMAT_VERSION!r}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise AdapterFormatError(f"adapter metadata lacks keys {missing}")
+    return meta
+
+
+def _spec(meta: dict[str, str]) -> AdapterSpec:
+    """Parse the metadata into an AdapterSpec; any bad value is an AdapterFormatError."""
+
+    def parse(key: str, conv: Any) -> Any:
+        try:
+            return conv(meta[key])
+        except ValueError as e:
+            raise AdapterFormatError(f"bad adapter metadata {key}={meta[key]!r}: {e}") from e
+
+    sites = parse("sites", json.loads)
+    if not isinstance(sites, list):
+        raise AdapterFormatError(f"bad adapter metadata sites={meta['sites']!r}: not a JSON list")
+    if not meta["base_fingerprint"]:
+        raise AdapterFormatError("bad adapter metadata: base_fingerprint is empty")
+    numbers = {"base_groups": parse("base_groups", int), "groups": parse("groups", int),
+               "rank": parse("rank", int), "alpha": parse("alpha", float)}
+    try:
+        return AdapterSpec(act=meta["act"], mode=meta["mode"], sites=tuple(sites), **numbers)
+    except ValueError as e:
+        raise AdapterFormatError(f"bad adapter metadata: {e}") from e
+
+
+def _tensors(data: bytes, spec: AdapterSpec) -> dict[str, torch.Tensor]:
+    """The stored tensors, checked for names, dtype and shapes against `spec`."""
+    try:
+        tensors = st_load(data)
+    except SafetensorError as e:
+        raise AdapterFormatError(f"truncated or corrupt safetensors data: {e}") from e
+    if set(tensors) != set(TENSORS):
+        raise AdapterFormatError(f"adapter tensors must be {sorted(TENSORS)}; missing "
+                                 f"{sorted(set(TENSORS) - set(tensors))}, unexpected "
+                                 f"{sorted(set(tensors) - set(TENSORS))}")
+    for name, shape in spec.shapes().items():
+        t = tensors[name]
+        if t.dtype != torch.float32:
+            raise AdapterFormatError(f"tensor {name} has dtype {t.dtype}, expected float32")
+        if tuple(t.shape) != shape:
+            raise AdapterShapeError(
+                f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from metadata "
+                f"(sites={len(spec.sites)}, base_groups={spec.base_groups}, "
+                f"groups={spec.groups}, rank={spec.rank})")
+    return tensors
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], coefs: torch.Tensor) -> None:
+    """NaN / inf in a stored tensor, or finite factors whose merge overflows."""
+    named = {**{f"tensor {n}": t for n, t in tensors.items()}, "merged coefficients": coefs}
+    # one fused check on the hot path (half the time of one per tensor, 25 us of ~250 us)
+    if torch.isfinite(torch.cat([t.reshape(-1) for t in named.values()])).all():
+        return
+    for what, t in named.items():
+        if not torch.isfinite(t).all():
+            n_nan, n_inf = int(t.isnan().sum()), int(t.isinf().sum())
+            raise AdapterValueError(f"{what} has {n_nan} NaN and {n_inf} inf values")
+
+
+def _check_expected(a: LoadedAdapter, fingerprint: str | None, mode: str | None,
+                    act: str | None, n_sites: int | None) -> None:
+    if fingerprint is not None and a.base_fingerprint != fingerprint:
+        raise FingerprintMismatch(f"adapter base_fingerprint={a.base_fingerprint!r} does not "
+                                  f"match the model's {fingerprint!r}")
+    if mode is not None and a.spec.mode != mode:
+        raise ModeMismatch(f"adapter mode={a.spec.mode!r}, the model runs mode={mode!r}")
+    if act is not None and a.spec.act != act:
+        raise ActivationMismatch(f"adapter act={a.spec.act!r}, the model's activation is "
+                                 f"act={act!r}")
+    if n_sites is not None and len(a.spec.sites) != n_sites:
+        raise SiteCountMismatch(f"adapter has sites={len(a.spec.sites)} activation sites, "
+                                f"the model has {n_sites}")
