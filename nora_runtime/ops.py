@@ -81,7 +81,7 @@ def rational_act(
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    s = slot.reshape(-1).to(torch.int32)
+    s = slot.reshape(-1).to(torch.int32).contiguous()
     if s.numel() != x2.shape[0]:
         raise ValueError(f"slot has {s.numel()} entries for {x2.shape[0]} tokens")
     u2 = None if up is None else up.reshape(-1, shape[-1])

@@ -223,7 +223,7 @@ def test_argument_checks():
     slot = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of groups"):
         rational_forward(x, make_table(8), slot)
-    with pytest.raises(ValueError, match="slot must be int32"):
+    with pytest.raises(ValueError, match="slot must be contiguous int32"):
         rational_forward(x[:, :16], make_table(8), slot.long())
     with pytest.raises(ValueError, match="table must be float32"):
         rational_forward(x[:, :16], make_table(8).double(), slot)

@@ -11,9 +11,9 @@ GELU_TANH: tl.constexpr = tl.constexpr(1)
 SILU: tl.constexpr = tl.constexpr(2)
 IDENTITY: tl.constexpr = tl.constexpr(3)
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_K_TANH = 0.7978845608028654  # sqrt(2 / pi)
+_SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+_K_TANH: tl.constexpr = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def base_act(x, ACT: tl.constexpr):
         u = _K_TANH * (x + 0.044715 * x * x * x)
         y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))  # 1 + tanh(u), overflow-safe
     elif ACT == SILU:
-        y = x / (1.0 + tl.exp(-x))
+        y = x / (1.0 + tl.exp(-x))  # IEEE division: slot 0 must match F.silu to rounding
     else:
         y = x
     return y

@@ -7,9 +7,9 @@ Semantics (torch notation, forward as in rational_fwd; R' = dR/dx):
                dtable[s != 0] as above at xc; the base row (slot 0) is frozen: no gradient.
     dR/da_i = x^i / Q,  dR/db_j = -sign(b_j) |x|^(j+1) P / Q^2.
 
-Coefficient gradients are reduced inside each program (over its BLOCK_C channels, per row)
-before one float32 atomic per (row, coefficient): BLOCK_C times fewer atomics than one per
-element, the cost KAT pays (FlashKAT reports 86.5x from fixing it).
+Coefficient gradients are reduced inside each program (a block of rows over a whole group's
+channels) before one float32 atomic per (row, coefficient): C / G times fewer atomics than one
+per element, the cost KAT pays (FlashKAT reports 86.5x from fixing it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from nora_runtime.kernels._rational_math import base_act_grad, load_coefs, pq
-from nora_runtime.kernels.rational_fwd import blocks, check_args
+from nora_runtime.kernels.rational_fwd import check_args
 from nora_runtime.rational import ACTIVATIONS
 
 
@@ -29,87 +29,116 @@ def _sign(b):
 
 
 @triton.jit
-def _add_row_sums(ptr, v, rmask):
-    tl.atomic_add(ptr, tl.sum(v, axis=1), mask=rmask)
-
-
-@triton.jit
 def _rational_bwd_kernel(
     dy_ptr, x_ptr, dx_ptr, slot_ptr, tab_ptr, dtab_ptr,
     T, GS, stride_dyt, stride_xt, stride_dxt, stride_ts, stride_tg, stride_ds, stride_dg, clamp,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # One program: BLOCK_T rows x all GS channels of group g, walked BLOCK_C at a time, so the
+    # coefficient gradients of a row reach memory once (10 atomics per row and group).
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cin = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rows < T
-    mask = rmask[:, None] & (cin < GS)[None, :]
     rows64 = rows.to(tl.int64)
-    cols = g.to(tl.int64) * GS + cin
 
     slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
     a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = load_coefs(tab_ptr + slot * stride_ts + g * stride_tg,
                                                         rmask)
-    a0 = a0[:, None]
-    a1 = a1[:, None]
-    a2 = a2[:, None]
-    a3 = a3[:, None]
-    a4 = a4[:, None]
-    a5 = a5[:, None]
-    b0 = b0[:, None]
-    b1 = b1[:, None]
-    b2 = b2[:, None]
-    b3 = b3[:, None]
-
-    x = tl.load(x_ptr + rows64[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    dy = tl.load(dy_ptr + rows64[:, None] * stride_dyt + cols[None, :], mask=mask, other=0.0)
-    dy = dy.to(tl.float32)
+    a0, a1, a2, a3, a4, a5 = a0[:, None], a1[:, None], a2[:, None], a3[:, None], a4[:, None], \
+        a5[:, None]
+    b0, b1, b2, b3 = tl.abs(b0[:, None]), tl.abs(b1[:, None]), tl.abs(b2[:, None]), \
+        tl.abs(b3[:, None])
     if RESIDUAL:
-        inside = tl.abs(x) <= clamp
-        xe = tl.minimum(tl.maximum(x, -clamp), clamp)
-        # slot 0 rows (and masked lanes) carry no adapter: no coefficient gradient from them
-        dr = tl.where(mask & (slot != 0)[:, None], dy, 0.0)
-    else:
-        xe = x
-        dr = tl.where(mask, dy, 0.0)
-    p, q = pq(xe, a0, a1, a2, a3, a4, a5, b0, b1, b2, b3)
-    ax = tl.abs(xe)
-    rq = 1.0 / q
-    r = p * rq
-    # dR/dx = (P' - R Q') / Q
-    dp = (((5.0 * a5 * xe + 4.0 * a4) * xe + 3.0 * a3) * xe + 2.0 * a2) * xe + a1
-    dq = (((4.0 * tl.abs(b3) * ax + 3.0 * tl.abs(b2)) * ax + 2.0 * tl.abs(b1)) * ax
-          + tl.abs(b0)) * _sign(xe)
-    dr_dx = (dp - r * dq) * rq
-    if RESIDUAL:
-        c0, c1, c2, c3, c4, c5, d0, d1, d2, d3 = load_coefs(tab_ptr + g * stride_tg, True)
-        p0, q0 = pq(xe, c0, c1, c2, c3, c4, c5, d0, d1, d2, d3)
-        r0 = p0 / q0
-        dp0 = (((5.0 * c5 * xe + 4.0 * c4) * xe + 3.0 * c3) * xe + 2.0 * c2) * xe + c1
-        dq0 = (((4.0 * tl.abs(d3) * ax + 3.0 * tl.abs(d2)) * ax + 2.0 * tl.abs(d1)) * ax
-               + tl.abs(d0)) * _sign(xe)
-        ddelta = tl.where(inside & (slot != 0)[:, None], dr_dx - (dp0 - r0 * dq0) / q0, 0.0)
-        dx = dy * (base_act_grad(x, ACT) + ddelta)
-    else:
-        dx = dy * dr_dx
-    tl.store(dx_ptr + rows64[:, None] * stride_dxt + cols[None, :],
-             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        c0, c1, c2, c3, c4, c5, d0, d1, d2, d3 = load_coefs(tab_ptr + g * stride_tg, g >= 0)
+        d0, d1, d2, d3 = tl.abs(d0), tl.abs(d1), tl.abs(d2), tl.abs(d3)
+        adapted = (slot != 0)[:, None]  # slot 0 rows carry no adapter: no coefficient gradient
 
-    # coefficient gradients: per-row sums over this program's channels, one atomic each
-    gn = dr * rq  # dy / Q: times x^i for a_i
-    gd = -dr * r * rq  # -dy P / Q^2: times |x|^(j+1) sign(b_j) for b_j
+    s0 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s1 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s2 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s3 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s4 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s5 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s6 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s7 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s8 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    s9 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for c_start in range(0, GS, BLOCK_C):
+        cin = c_start + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cin < GS)[None, :]
+        cols = g.to(tl.int64) * GS + cin
+        x = tl.load(x_ptr + rows64[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dyt + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        if RESIDUAL:
+            xe = tl.minimum(tl.maximum(x, -clamp), clamp)
+            dr = tl.where(adapted, dy, 0.0)
+        else:
+            xe = x
+            dr = dy  # masked lanes load dy = 0
+        p, q = pq(xe, a0, a1, a2, a3, a4, a5, b0, b1, b2, b3)
+        ax = tl.abs(xe)
+        rq = tl.fdiv(1.0, q)
+        r = p * rq
+        # dR/dx = (P' - R Q') / Q
+        dp = (((5.0 * a5 * xe + 4.0 * a4) * xe + 3.0 * a3) * xe + 2.0 * a2) * xe + a1
+        dq = (((4.0 * b3 * ax + 3.0 * b2) * ax + 2.0 * b1) * ax + b0) * _sign(xe)
+        dr_dx = (dp - r * dq) * rq
+        if RESIDUAL:
+            p0, q0 = pq(xe, c0, c1, c2, c3, c4, c5, d0, d1, d2, d3)
+            rq0 = tl.fdiv(1.0, q0)
+            dp0 = (((5.0 * c5 * xe + 4.0 * c4) * xe + 3.0 * c3) * xe + 2.0 * c2) * xe + c1
+            dq0 = (((4.0 * d3 * ax + 3.0 * d2) * ax + 2.0 * d1) * ax + d0) * _sign(xe)
+            inside = (tl.abs(x) <= clamp) & adapted
+            ddelta = tl.where(inside, dr_dx - (dp0 - p0 * rq0 * dq0) * rq0, 0.0)
+            dx = dy * (base_act_grad(x, ACT) + ddelta)
+        else:
+            dx = dy * dr_dx
+        tl.store(dx_ptr + rows64[:, None] * stride_dxt + cols[None, :],
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        # dR/da_i = x^i / Q; dR/d|b_j| = -|x|^(j+1) P / Q^2
+        t = dr * rq
+        s0 += t
+        t *= xe
+        s1 += t
+        t *= xe
+        s2 += t
+        t *= xe
+        s3 += t
+        t *= xe
+        s4 += t
+        t *= xe
+        s5 += t
+        t = -dr * r * rq * ax
+        s6 += t
+        t *= ax
+        s7 += t
+        t *= ax
+        s8 += t
+        t *= ax
+        s9 += t
+
+    # d|b|/db = sign(b), applied per row after the reduction
+    sb = tab_ptr + slot * stride_ts + g * stride_tg
     dptr = dtab_ptr + slot * stride_ds + g * stride_dg
-    _add_row_sums(dptr + 0, gn, rmask)
-    _add_row_sums(dptr + 1, gn * xe, rmask)
-    _add_row_sums(dptr + 2, gn * xe * xe, rmask)
-    _add_row_sums(dptr + 3, gn * xe * xe * xe, rmask)
-    _add_row_sums(dptr + 4, gn * xe * xe * xe * xe, rmask)
-    _add_row_sums(dptr + 5, gn * xe * xe * xe * xe * xe, rmask)
-    _add_row_sums(dptr + 6, gd * ax * _sign(b0), rmask)
-    _add_row_sums(dptr + 7, gd * ax * ax * _sign(b1), rmask)
-    _add_row_sums(dptr + 8, gd * ax * ax * ax * _sign(b2), rmask)
-    _add_row_sums(dptr + 9, gd * ax * ax * ax * ax * _sign(b3), rmask)
+    tl.atomic_add(dptr + 0, tl.sum(s0, axis=1), mask=rmask)
+    tl.atomic_add(dptr + 1, tl.sum(s1, axis=1), mask=rmask)
+    tl.atomic_add(dptr + 2, tl.sum(s2, axis=1), mask=rmask)
+    tl.atomic_add(dptr + 3, tl.sum(s3, axis=1), mask=rmask)
+    tl.atomic_add(dptr + 4, tl.sum(s4, axis=1), mask=rmask)
+    tl.atomic_add(dptr + 5, tl.sum(s5, axis=1), mask=rmask)
+    tl.atomic_add(dptr + 6, tl.sum(s6, axis=1) * _sign(tl.load(sb + 6, rmask, 0.0)), mask=rmask)
+    tl.atomic_add(dptr + 7, tl.sum(s7, axis=1) * _sign(tl.load(sb + 7, rmask, 0.0)), mask=rmask)
+    tl.atomic_add(dptr + 8, tl.sum(s8, axis=1) * _sign(tl.load(sb + 8, rmask, 0.0)), mask=rmask)
+    tl.atomic_add(dptr + 9, tl.sum(s9, axis=1) * _sign(tl.load(sb + 9, rmask, 0.0)), mask=rmask)
+
+
+def bwd_blocks(T: int, GS: int) -> tuple[int, int]:
+    """BLOCK_T x BLOCK_C step of the backward's walk over a group: 512 elements, so the ten
+    [BLOCK_T, BLOCK_C] gradient accumulators stay in registers."""
+    block_c = min(64, triton.next_power_of_2(GS))
+    return min(max(1, 512 // block_c), triton.next_power_of_2(T)), block_c  # 8 x 64: H200 sweep
 
 
 def rational_backward(
@@ -130,8 +159,8 @@ def rational_backward(
     if T == 0:
         return dx, dtab
     GS = C // G
-    bt, bc = block or blocks(T, GS)
-    grid = (triton.cdiv(T, bt), G, triton.cdiv(GS, bc))
+    bt, bc = block or bwd_blocks(T, GS)
+    grid = (triton.cdiv(T, bt), G)
     _rational_bwd_kernel[grid](
         dy, x, dx, slot, table, dtab,
         T, GS, dy.stride(0), x.stride(0), dx.stride(0), table.stride(0), table.stride(1),
