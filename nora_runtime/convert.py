@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nora_runtime.ops import rational_act
-from nora_runtime.rational import ACTIVATIONS, base_activation, base_coefficients
+from nora_runtime.rational import ACTIVATIONS, DEFAULT_FIT, base_activation, base_coefficients
 from nora_runtime.table import CoefficientTable
 
 # Attribute names under which transformers MLPs keep their activation (checked in transformers
@@ -41,18 +41,19 @@ class SlotBinding:
 
     site_names: module path of each activation site, in table order (site l is data[:, l]).
     kinds: base activation kind of each site. mode: "replace" or "residual". clamp: the fit
-    range used by residual mode.
+    range used by residual mode. fit: which shipped fit (rational.FIT_SPECS) the base slot holds.
     """
 
     def __init__(
         self, table: CoefficientTable, site_names: tuple[str, ...], kinds: tuple[str, ...],
-        mode: str, clamp: float,
+        mode: str, clamp: float, fit: str = DEFAULT_FIT,
     ) -> None:
         self.table = table
         self.site_names = site_names
         self.kinds = kinds
         self.mode = mode
         self.clamp = clamp
+        self.fit = fit
         self._slots: torch.Tensor | None = None  # int32, [B], [B, S] or [T]
 
     @contextmanager
@@ -155,7 +156,7 @@ def find_sites(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 def convert_model(
     model: nn.Module, *, mode: str = "replace", groups: int = 8, slots: int = 64,
-    clamp: float = 4.0, device: torch.device | str | None = None,
+    clamp: float = 4.0, device: torch.device | str | None = None, fit: str = DEFAULT_FIT,
 ) -> SlotBinding:
     """Replace every activation site of `model` in place by a RationalActivation.
 
@@ -163,6 +164,8 @@ def convert_model(
     "residual" (y = act(x) + [slot != 0] (R_slot(xc) - R_0(xc)): slot 0 is exact).
     groups: table groups G (each site's channel count must be a multiple). slots: table slots S
     (slot 0 the base). device: where the table lives; default the model's parameters' device.
+    fit: the shipped base fit for slot 0 ("wide", the default, keeps real models' outputs in
+    replace mode; "narrow" is tighter on [-4, 4] only); recorded as binding.fit.
     The table is not part of the model's parameters or state_dict: `model.to()` does not move it.
     Returns the binding that owns the table and selects each token's slot.
     """
@@ -176,9 +179,9 @@ def convert_model(
     kinds = tuple(classify_activation(getattr(m, a), p) for m, a, p in sites)
     if device is None:
         device = next(model.parameters()).device
-    base = torch.stack([base_coefficients(k) for k in kinds]).unsqueeze(1)  # [L, 1, 10]
+    base = torch.stack([base_coefficients(k, fit) for k in kinds]).unsqueeze(1)  # [L, 1, 10]
     table = CoefficientTable(base, slots=slots, groups=groups, device=device)
-    binding = SlotBinding(table, tuple(p for _, _, p in sites), kinds, mode, clamp)
+    binding = SlotBinding(table, tuple(p for _, _, p in sites), kinds, mode, clamp, fit)
     for l, ((module, attr, _), kind) in enumerate(zip(sites, kinds, strict=True)):
         setattr(module, attr, RationalActivation(l, kind, binding))
     return binding
