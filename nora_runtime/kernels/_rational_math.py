@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -14,6 +16,34 @@ IDENTITY: tl.constexpr = tl.constexpr(3)
 _SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
 _K_TANH: tl.constexpr = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+
+
+@triton.jit
+def fast_div(p, q, FAST: tl.constexpr):
+    """p / q through the GPU's approximate division (MUFU.RCP + FMUL; max 2 ulp for q in
+    [2^-126, 2^126], and Q >= 1 always). The IEEE-style division Triton emits cost ~7 SASS
+    instructions an element, a quarter of the forward kernel's (sm_90 SASS count). Triton's
+    interpreter runs no inline PTX: FAST=False divides plainly there."""
+    if FAST:
+        return tl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=f,f,f", [p, q],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return p / q
+
+
+@triton.jit
+def fast_rcp(q, FAST: tl.constexpr):
+    """1 / q, as fast_div."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.f32 $0, $1;", "=f,f", [q],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / q
+
+
+def fast_math() -> bool:
+    """Whether kernels may use inline PTX (not under TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 @triton.jit

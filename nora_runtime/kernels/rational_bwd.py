@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nora_runtime.kernels._rational_math import base_act_grad, load_coefs, pq
+from nora_runtime.kernels._rational_math import base_act_grad, fast_math, fast_rcp, load_coefs, pq
 from nora_runtime.kernels.rational_fwd import check_args
 from nora_runtime.rational import ACTIVATIONS
 
@@ -33,6 +33,7 @@ def _rational_bwd_kernel(
     dy_ptr, x_ptr, dx_ptr, slot_ptr, tab_ptr, dtab_ptr,
     T, GS, stride_dyt, stride_xt, stride_dxt, stride_ts, stride_tg, stride_ds, stride_dg, clamp,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    STAGES: tl.constexpr, FAST: tl.constexpr,
 ):
     # One program: BLOCK_T rows x all GS channels of group g, walked BLOCK_C at a time, so the
     # coefficient gradients of a row reach memory once (10 atomics per row and group).
@@ -63,7 +64,7 @@ def _rational_bwd_kernel(
     s7 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     s8 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     s9 = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-    for c_start in range(0, GS, BLOCK_C):
+    for c_start in tl.range(0, GS, BLOCK_C, num_stages=STAGES):  # loads run STAGES ahead
         cin = c_start + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cin < GS)[None, :]
         cols = g.to(tl.int64) * GS + cin
@@ -79,7 +80,7 @@ def _rational_bwd_kernel(
             dr = dy  # masked lanes load dy = 0
         p, q = pq(xe, a0, a1, a2, a3, a4, a5, b0, b1, b2, b3)
         ax = tl.abs(xe)
-        rq = tl.fdiv(1.0, q)
+        rq = fast_rcp(q, FAST)
         r = p * rq
         # dR/dx = (P' - R Q') / Q
         dp = (((5.0 * a5 * xe + 4.0 * a4) * xe + 3.0 * a3) * xe + 2.0 * a2) * xe + a1
@@ -87,7 +88,7 @@ def _rational_bwd_kernel(
         dr_dx = (dp - r * dq) * rq
         if RESIDUAL:
             p0, q0 = pq(xe, c0, c1, c2, c3, c4, c5, d0, d1, d2, d3)
-            rq0 = tl.fdiv(1.0, q0)
+            rq0 = fast_rcp(q0, FAST)
             dp0 = (((5.0 * c5 * xe + 4.0 * c4) * xe + 3.0 * c3) * xe + 2.0 * c2) * xe + c1
             dq0 = (((4.0 * d3 * ax + 3.0 * d2) * ax + 2.0 * d1) * ax + d0) * _sign(xe)
             inside = (tl.abs(x) <= clamp) & adapted
@@ -135,16 +136,17 @@ def _rational_bwd_kernel(
 
 
 def bwd_blocks(T: int, GS: int) -> tuple[int, int]:
-    """BLOCK_T x BLOCK_C step of the backward's walk over a group: 512 elements, so the ten
-    [BLOCK_T, BLOCK_C] gradient accumulators stay in registers."""
+    """BLOCK_T x BLOCK_C step of the backward's walk over a group: 16 x 64, the best of the
+    H200 sweep (benchmarks/results/); the ten [BLOCK_T, BLOCK_C] gradient accumulators stay
+    in registers."""
     block_c = min(64, triton.next_power_of_2(GS))
-    return min(max(1, 512 // block_c), triton.next_power_of_2(T)), block_c  # 8 x 64: H200 sweep
+    return min(max(1, 1024 // block_c), triton.next_power_of_2(T)), block_c
 
 
 def rational_backward(
     dy: torch.Tensor, x: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, *,
     act: str = "silu", mode: str = "replace", clamp: float = 4.0,
-    block: tuple[int, int] | None = None, num_warps: int = 4,
+    block: tuple[int, int] | None = None, num_warps: int = 4, stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of rational_forward (ungated) w.r.t. x and the table.
 
@@ -166,6 +168,6 @@ def rational_backward(
         T, GS, dy.stride(0), x.stride(0), dx.stride(0), table.stride(0), table.stride(1),
         dtab.stride(0), dtab.stride(1), float(clamp),
         ACT=ACTIVATIONS.index(act), RESIDUAL=mode == "residual", BLOCK_T=bt, BLOCK_C=bc,
-        num_warps=num_warps,
+        STAGES=stages, FAST=fast_math(), num_warps=num_warps,
     )
     return dx, dtab

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nora_runtime.kernels._rational_math import base_act, load_coefs, pq
+from nora_runtime.kernels._rational_math import base_act, fast_div, fast_math, load_coefs, pq
 from nora_runtime.rational import ACTIVATIONS, N_COEF
 
 MODES = ("replace", "residual")
@@ -33,7 +33,7 @@ def _rational_fwd_kernel(
     x_ptr, up_ptr, y_ptr, slot_ptr, tab_ptr,
     T, GS, stride_xt, stride_ut, stride_yt, stride_ts, stride_tg, clamp,
     ACT: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FAST: tl.constexpr,
 ):
     g = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
@@ -55,12 +55,12 @@ def _rational_fwd_kernel(
                   a5[:, None], b0[:, None], b1[:, None], b2[:, None], b3[:, None])
         c0, c1, c2, c3, c4, c5, d0, d1, d2, d3 = load_coefs(tab_ptr + g * stride_tg, g >= 0)
         p0, q0 = pq(xc, c0, c1, c2, c3, c4, c5, d0, d1, d2, d3)
-        delta = tl.fdiv(p * q0 - p0 * q, q * q0)  # one division for R_s - R_0
+        delta = fast_div(p * q0 - p0 * q, q * q0, FAST)  # one division for R_s - R_0
         y = base_act(x, ACT) + tl.where((slot != 0)[:, None], delta, 0.0)
     else:
         p, q = pq(x, a0[:, None], a1[:, None], a2[:, None], a3[:, None], a4[:, None],
                   a5[:, None], b0[:, None], b1[:, None], b2[:, None], b3[:, None])
-        y = tl.fdiv(p, q)  # approximate (2 ulp) division: the IEEE one costs ~10% here
+        y = fast_div(p, q, FAST)
     if GATED:
         u = tl.load(up_ptr + rows64[:, None] * stride_ut + cols[None, :], mask=mask, other=0.0)
         y = y * u.to(tl.float32)
@@ -97,10 +97,11 @@ def check_args(x: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, act: st
     return T, C, G
 
 
-def blocks(T: int, GS: int) -> tuple[int, int]:
-    """BLOCK_T x BLOCK_C tile: up to 256 channels of one group, ~1024 elements a program."""
+def blocks(T: int, GS: int, residual: bool) -> tuple[int, int]:
+    """BLOCK_T x BLOCK_C tile: up to 256 channels of one group; 1024 elements a program, 2048
+    in residual mode (the best of each in the H200 sweep, benchmarks/results/)."""
     block_c = min(256, triton.next_power_of_2(GS))
-    block_t = min(max(1, 1024 // block_c), triton.next_power_of_2(T))  # 4 x 256: H200 sweep
+    block_t = min(max(1, (2048 if residual else 1024) // block_c), triton.next_power_of_2(T))
     return block_t, block_c
 
 
@@ -126,14 +127,14 @@ def rational_forward(
     if T == 0:
         return y
     GS = C // G
-    bt, bc = block or blocks(T, GS)
+    bt, bc = block or blocks(T, GS, mode == "residual")
     grid = (triton.cdiv(T, bt), G, triton.cdiv(GS, bc))
     _rational_fwd_kernel[grid](
         x, up if up is not None else x, y, slot, table,
         T, GS, x.stride(0), (up if up is not None else x).stride(0), y.stride(0),
         table.stride(0), table.stride(1), float(clamp),
         ACT=ACTIVATIONS.index(act), RESIDUAL=mode == "residual", GATED=up is not None,
-        BLOCK_T=bt, BLOCK_C=bc, num_warps=num_warps,
+        BLOCK_T=bt, BLOCK_C=bc, FAST=fast_math(), num_warps=num_warps,
     )
     return y
 
