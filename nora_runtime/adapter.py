@@ -36,12 +36,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
-from nora_runtime.rational import ACTIVATIONS, N_COEF, N_DEN, N_NUM
+from nora_runtime.rational import ACTIVATIONS, MODES, N_COEF, N_DEN, N_NUM
+from nora_runtime.table import expand_groups
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-MODES = ("replace", "residual")
 FORMAT = "nora-adapter"
 FORMAT_VERSION = "1"
 FACTORS = ("num_A", "num_B", "den_A", "den_B")
@@ -133,18 +133,6 @@ class AdapterSpec:
         L, G0, G, r = len(self.sites), self.base_groups, self.groups, self.rank
         return {"base": (L, G0, N_COEF), "num_A": (L, r, N_NUM), "num_B": (L, G, r),
                 "den_A": (L, r, N_DEN), "den_B": (L, G, r)}
-
-
-def expand_groups(coefs: torch.Tensor, groups: int) -> torch.Tensor:
-    """[L, G, 10] -> [L, groups, 10]: group g' of `groups` takes the row of group g' // (groups/G).
-
-    Channel groups are contiguous (channel c is in group c // (C / G)), so each of the G groups
-    splits into groups / G consecutive finer ones with the same coefficients.
-    """
-    G = coefs.shape[1]
-    if groups < 1 or groups % G:
-        raise ValueError(f"cannot expand {G} groups to {groups}: need a positive multiple of {G}")
-    return coefs.repeat_interleave(groups // G, dim=1)
 
 
 def merge(base: torch.Tensor, num_A: torch.Tensor, num_B: torch.Tensor, den_A: torch.Tensor,

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from nora_runtime.ops import rational_act
-from nora_runtime.rational import ACTIVATIONS, DEFAULT_FIT, base_activation, base_coefficients
+from nora_runtime.rational import (
+    ACTIVATIONS,
+    DEFAULT_FIT,
+    MODES,
+    base_activation,
+    base_coefficients,
+)
 from nora_runtime.table import CoefficientTable
 
 # Attribute names under which transformers MLPs keep their activation (checked in transformers
@@ -28,7 +34,6 @@ from nora_runtime.table import CoefficientTable
 # intermediate_act_fn (BERT, ViT <= 4.x), activation_fn (ViT 5.x, CLIP, Phi, OPT). Heads and
 # poolers (`transform_act_fn`, `activation`) are not MLP sites and keep their activation.
 SITE_ATTRS = ("act_fn", "act", "intermediate_act_fn", "activation_fn")
-MODES = ("replace", "residual")
 
 # Probe for classifying an activation: the kinds differ by >= 4.7e-4 on it (gelu vs its tanh
 # approximation), float64 implementations of one kind agree to < 1e-12 and float32 ones to ~1e-6.

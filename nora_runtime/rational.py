@@ -29,6 +29,8 @@ N_DEN = 4  # denominator coefficients b0..b3
 N_COEF = N_NUM + N_DEN
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "identity")
+# "replace": the rational is the activation; "residual": act(x) + R_adapter - R_base (DESIGN s1)
+MODES = ("replace", "residual")
 FITS_PATH = Path(__file__).with_name("fits.json")
 
 

@@ -23,9 +23,7 @@ import triton
 import triton.language as tl
 
 from nora_runtime.kernels._rational_math import base_act, fast_div, fast_math, load_coefs, pq
-from nora_runtime.rational import ACTIVATIONS, N_COEF
-
-MODES = ("replace", "residual")
+from nora_runtime.rational import ACTIVATIONS, MODES, N_COEF
 
 
 @triton.jit
