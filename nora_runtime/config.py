@@ -1,0 +1,41 @@
+"""Engine configuration: one frozen dataclass, validated on construction. The CLI (`nora-serve`)
+reads its defaults from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nora_runtime.rational import MODES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # local checkpoint directory or hub id; None = built-in demo model
+    device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1", "cpu"
+    dtype: str = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float32"
+    mode: str = "replace"  # activation mode of the served model (DESIGN.md s1)
+    groups: int = 8  # rational groups G of the coefficient table
+    max_adapters: int = 1024  # adapter slots resident at once (table rows besides the base)
+    max_num_seqs: int = 256  # cap on running sequences
+    max_num_batched_tokens: int = 4096  # token budget of one step (prefill chunks + decodes)
+    max_model_len: int = 4096  # prompt + generated tokens of one sequence
+    block_size: int = 16  # tokens per KV cache block
+    kv_memory_fraction: float = 0.85  # GPU: fraction of free memory given to the KV cache
+    kv_cache_tokens_cpu: int = 65536  # CPU: KV cache size in tokens
+    tenant_share: float = 0.5  # while others wait, one adapter holds at most this share of seats
+    cuda_graphs: bool = True  # capture decode steps on GPU at bucketed batch sizes
+    seed: int = 0  # for requests without a seed of their own
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32: {self.dtype!r}")
+        for name in ("groups", "max_adapters", "max_num_seqs", "max_num_batched_tokens",
+                     "max_model_len", "block_size", "kv_cache_tokens_cpu"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if not 0.0 < self.tenant_share <= 1.0:
+            raise ValueError(f"tenant_share must be in (0, 1], got {self.tenant_share}")
