@@ -93,8 +93,8 @@ def rational_act(
                                         or u2.requires_grad):
             # training keeps the gate ungated so the Triton backward applies; autograd does * up
             return (_RationalTriton.apply(x2, table, s, act, mode, clamp) * u2).view(shape)
-        return rational_forward(x2, table, s, act=act, mode=mode, clamp=clamp,
-                                up=u2.contiguous()).view(shape)
+        u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()  # a gate-up half is fine as it is
+        return rational_forward(x2, table, s, act=act, mode=mode, clamp=clamp, up=u2).view(shape)
     if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):
         return _RationalTriton.apply(x2, table, s, act, mode, clamp).view(shape)
     return rational_forward(x2, table, s, act=act, mode=mode, clamp=clamp).view(shape)

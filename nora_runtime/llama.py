@@ -1,0 +1,237 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) with paged KV cache and rational MLPs.
+
+Weights come from a transformers checkpoint (config.json + *.safetensors). The model knows
+nothing of scheduling or adapters beyond one input: the per-token slot index in `ForwardBatch`,
+which its MLP activations pass to the multi-tenant rational kernels (DESIGN.md s2).
+
+Shapes: N tokens in a step (all sequences' new tokens, flattened), H hidden, I intermediate,
+nh / nkv query / key-value heads of size d, B sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from nora_runtime.ops import rational_act
+from nora_runtime.table import CoefficientTable
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward step needs, as device tensors (built by the model runner).
+
+    input_ids, positions, slots: [N]; kv_index: [N] int64 flat KV-cache row of each new token
+    (block * block_size + offset); seqs: per sequence (first token in the flat batch, new
+    tokens, context length after this step, its block table [n_blocks] int64); sample_index:
+    [B'] rows of the flat batch whose logits are wanted.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    kv_index: torch.Tensor
+    seqs: list[tuple[int, int, int, torch.Tensor]]
+    sample_index: torch.Tensor
+
+
+def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
+    """Inverse RoPE frequencies [d/2] float32 for rope types default, linear and llama3.
+
+    Reads transformers 5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+                  or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / params["factor"]).float()
+    if kind != "llama3":
+        raise NotImplementedError(f"rope type {kind!r} is not supported (default, linear, llama3)")
+    factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long wavelengths: scaled
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, d], cos/sin [N, d/2]: rotate-half convention of transformers' Llama."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.nh = config.num_attention_heads
+        self.nkv = config.num_key_value_heads
+        self.d = getattr(config, "head_dim", None) or config.hidden_size // self.nh
+        bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.nh * self.d, bias=bias)
+        self.k_proj = nn.Linear(H, self.nkv * self.d, bias=bias)
+        self.v_proj = nn.Linear(H, self.nkv * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.nh * self.d, H, bias=bool(getattr(config, "attention_bias",
+                                                                       False)))
+
+    def forward(self, x, batch: ForwardBatch, cos, sin, k_cache, v_cache) -> torch.Tensor:
+        N = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(N, self.nh, self.d), cos, sin)
+        k = apply_rope(self.k_proj(x).view(N, self.nkv, self.d), cos, sin)
+        v = self.v_proj(x).view(N, self.nkv, self.d)
+        # k_cache/v_cache: [num_blocks * block_size, nkv, d] views of this layer's cache
+        k_cache.index_copy_(0, batch.kv_index, k)
+        v_cache.index_copy_(0, batch.kv_index, v)
+        out = torch.empty_like(q)
+        for start, n, ctx, rows in batch.seqs:
+            out[start:start + n] = self._attend(q[start:start + n], k_cache[rows[:ctx]],
+                                                v_cache[rows[:ctx]], ctx)
+        return self.o_proj(out.view(N, self.nh * self.d))
+
+    def _attend(self, q, k, v, ctx: int) -> torch.Tensor:
+        """Causal attention of n new queries (the last n of ctx positions) over ctx keys.
+        q [n, nh, d], k/v [ctx, nkv, d] -> [n, nh, d]."""
+        n = q.shape[0]
+        group = self.nh // self.nkv
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        mask = None
+        if n > 1:  # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                           v.transpose(0, 1), attn_mask=mask)
+        return o.transpose(0, 1)
+
+
+class MLP(nn.Module):
+    """SwiGLU with the multi-tenant rational activation: down(R_slot(gate) * up)."""
+
+    def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str) -> None:
+        super().__init__()
+        self.layer, self.table, self.act, self.mode = layer, table, act, mode
+        H, I = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Linear(H, 2 * I, bias=False)  # gate_proj and up_proj, fused
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up_proj(x)  # [N, 2I]
+        I = gu.shape[-1] // 2
+        h = rational_act(gu[:, :I], self.table.site(self.layer), slots, act=self.act,
+                         mode=self.mode, up=gu[:, I:])
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, layer, table, act, mode)
+
+
+class LlamaModel(nn.Module):
+    """Llama-family causal LM over a paged KV cache. `table` holds every resident adapter's
+    coefficients (slot 0 = base); `act` is the base activation the rationals replace."""
+
+    def __init__(self, config, table: CoefficientTable, act: str, mode: str) -> None:
+        super().__init__()
+        if config.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {config.model_type!r} is not Llama-family {SUPPORTED}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, table, act, mode)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        head_dim = self.layers[0].self_attn.d
+        self.register_buffer("inv_freq", rope_inv_freq(config, head_dim), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """Logits [B', V] float32 at batch.sample_index. k_cache/v_cache: [layers,
+        num_blocks * block_size, nkv, d]; this step's keys and values are written into them."""
+        freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]  # [N, d/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        x = self.embed_tokens(batch.input_ids)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), batch, cos, sin, k_cache[i],
+                                    v_cache[i])
+            x = x + layer.mlp(layer.post_attention_layernorm(x), batch.slots)
+        x = self.norm(x[batch.sample_index])
+        return self.lm_head(x).float()
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def checkpoint_names(model: LlamaModel) -> dict[str, tuple[str, int]]:
+    """Checkpoint tensor name -> (our parameter, half): half 0/1 is the gate/up half of the
+    fused gate_up_proj, -1 the whole parameter. Tied lm_head weights need no tensor."""
+    names = {}
+    for p in dict(model.named_parameters()):  # tied weights appear once
+        if ".gate_up_proj." in p:
+            names["model." + p.replace("gate_up_proj", "gate_proj")] = (p, 0)
+            names["model." + p.replace("gate_up_proj", "up_proj")] = (p, 1)
+        else:
+            names[p if p.startswith("lm_head.") else "model." + p] = (p, -1)
+    return names
+
+
+def load_weights(model: LlamaModel, path: Path) -> None:
+    """Copy a transformers checkpoint's tensors into `model` (gate_proj and up_proj into the
+    fused gate_up_proj). Every parameter must be found; other tensors are ignored."""
+    params = dict(model.named_parameters())
+    wanted = checkpoint_names(model)
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name not in wanted:
+                    continue
+                target, half = wanted.pop(name)
+                dst = params[target].data
+                if half >= 0:
+                    dst = dst.chunk(2, dim=0)[half]
+                dst.copy_(f.get_tensor(name))
+    if wanted:
+        missing = sorted(wanted)
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint {path} lacks {missing[:5]}{more}")

@@ -1,0 +1,128 @@
+"""The model runner: the one object that owns device state (weights, KV cache, coefficient
+table) and turns a scheduled batch into logits (DESIGN.md s2).
+
+The scheduler hands it pure-Python metadata; `prepare` builds the step's device tensors in one
+`ForwardBatch`, `forward` runs the model over them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from nora_runtime.config import EngineConfig
+from nora_runtime.llama import ForwardBatch, LlamaModel, load_weights, rope_inv_freq
+from nora_runtime.rational import base_coefficients
+from nora_runtime.table import CoefficientTable
+
+# transformers' `hidden_act` names -> our activation kinds (Llama-family MLPs use SiLU)
+HIDDEN_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+              "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local checkpoint directory, or a hub id fetched (config, tokenizer, safetensors)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                         "*.txt", "*.jinja"]))
+
+
+class ModelRunner:
+    """Weights, KV cache and coefficient table of one served model, on one device.
+
+    KV cache: [layers, num_blocks * block_size, nkv, d] for keys and for values; block b holds
+    rows b * block_size .. (b + 1) * block_size - 1. Its size comes from free device memory times
+    config.kv_memory_fraction on GPU, from config.kv_cache_tokens_cpu on CPU.
+    """
+
+    def __init__(self, config: EngineConfig, checkpoint: Path) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.hf_config = AutoConfig.from_pretrained(checkpoint)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        act = HIDDEN_ACT.get(self.hf_config.hidden_act)
+        if act is None:
+            raise ValueError(f"hidden_act {self.hf_config.hidden_act!r} has no rational fit")
+        self.act = act
+        L = self.hf_config.num_hidden_layers
+        self.table = CoefficientTable(base_coefficients(act), slots=config.max_adapters + 1,
+                                      groups=config.groups, sites=L, device=self.device)
+        self.model = self._load_model(checkpoint)
+        attn = self.model.layers[0].self_attn
+        self.block_size = config.block_size
+        self.num_blocks = self._kv_blocks(attn.nkv, attn.d)
+        shape = (L, self.num_blocks * self.block_size, attn.nkv, attn.d)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _load_model(self, checkpoint: Path) -> LlamaModel:
+        with torch.device("meta"):  # no host copy of random weights: 8B would be 32 GB
+            model = LlamaModel(self.hf_config, self.table, self.act, self.config.mode)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        if self.hf_config.tie_word_embeddings:  # leaving the meta device unties them
+            model.lm_head.weight = model.embed_tokens.weight
+        load_weights(model, checkpoint)
+        head_dim = model.layers[0].self_attn.d
+        model.inv_freq = rope_inv_freq(self.hf_config, head_dim).to(self.device)
+        return model.eval().requires_grad_(False)
+
+    def _kv_blocks(self, nkv: int, d: int) -> int:
+        per_block = 2 * self.hf_config.num_hidden_layers * self.block_size * nkv * d
+        per_block *= torch.finfo(self.dtype).bits // 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # leave room for activations of a full step (N x 2I in fp32, a few times over)
+            step = 8 * self.config.max_num_batched_tokens * self.hf_config.intermediate_size * 4
+            n = int((free - step) * self.config.kv_memory_fraction) // per_block
+        else:
+            n = self.config.kv_cache_tokens_cpu // self.block_size
+        if n < 1:
+            raise RuntimeError("no memory left for the KV cache")
+        return n
+
+    def prepare(self, seqs, num_new: list[int], sample: list[bool]) -> ForwardBatch:
+        """Device tensors of one step. seqs: objects with .tokens (all known token ids),
+        .num_computed, .block_table, .slot; num_new[i] tokens of seqs[i] are computed now."""
+        ids, pos, slots, kv, meta, samp = [], [], [], [], [], []
+        bs = self.block_size
+        for s, n, want in zip(seqs, num_new, sample, strict=True):
+            start, first = len(ids), s.num_computed
+            ids += s.tokens[first:first + n]
+            p = list(range(first, first + n))
+            pos += p
+            slots += [s.slot] * n
+            kv += [s.block_table[q // bs] * bs + q % bs for q in p]
+            ctx = first + n
+            rows = [b * bs + o for b in s.block_table[:(ctx + bs - 1) // bs] for o in range(bs)]
+            meta.append((start, n, ctx, torch.tensor(rows, device=self.device)))
+            if want:
+                samp.append(start + n - 1)
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=self.device)
+
+        return ForwardBatch(t(ids, torch.long), t(pos, torch.long), t(slots, torch.int32),
+                            t(kv, torch.long), meta, t(samp, torch.long))
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B', V] float32 of the rows batch.sample_index."""
+        return self.model(batch, self.k_cache, self.v_cache)
