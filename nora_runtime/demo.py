@@ -5,6 +5,7 @@ same loading path as real models. Its weights are random: it shows the machinery
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -64,10 +65,8 @@ def demo_checkpoint() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
     try:
         build_demo(tmp)
-        try:
+        with contextlib.suppress(OSError):  # another process finished first
             tmp.rename(path)
-        except OSError:  # another process finished first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from nora_runtime.ops import rational_act
+from nora_runtime.kernels.paged_attention import paged_decode_attention
+from nora_runtime.ops import rational_act, use_triton
 from nora_runtime.table import CoefficientTable
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -32,8 +33,10 @@ class ForwardBatch:
 
     input_ids, positions, slots: [N]; kv_index: [N] int64 flat KV-cache row of each new token
     (block * block_size + offset); seqs: per sequence (first token in the flat batch, new
-    tokens, context length after this step, its block table [n_blocks] int64); sample_index:
-    [B'] rows of the flat batch whose logits are wanted.
+    tokens, context length after this step, its cache rows [ctx] int64); sample_index:
+    [B'] rows of the flat batch whose logits are wanted. For a pure decode step (one new
+    token per sequence) also block_tables [B, max_blocks] int32 and ctx_lens [B] int32, which
+    the paged decode kernel reads instead of `seqs`.
     """
 
     input_ids: torch.Tensor
@@ -42,6 +45,9 @@ class ForwardBatch:
     kv_index: torch.Tensor
     seqs: list[tuple[int, int, int, torch.Tensor]]
     sample_index: torch.Tensor
+    block_size: int
+    block_tables: torch.Tensor | None = None
+    ctx_lens: torch.Tensor | None = None
 
 
 def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
@@ -110,10 +116,14 @@ class Attention(nn.Module):
         # k_cache/v_cache: [num_blocks * block_size, nkv, d] views of this layer's cache
         k_cache.index_copy_(0, batch.kv_index, k)
         v_cache.index_copy_(0, batch.kv_index, v)
-        out = torch.empty_like(q)
-        for start, n, ctx, rows in batch.seqs:
-            out[start:start + n] = self._attend(q[start:start + n], k_cache[rows[:ctx]],
-                                                v_cache[rows[:ctx]], ctx)
+        if batch.block_tables is not None and use_triton(q):
+            out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.ctx_lens,
+                                         batch.block_size)
+        else:
+            out = torch.empty_like(q)
+            for start, n, ctx, rows in batch.seqs:
+                out[start:start + n] = self._attend(q[start:start + n], k_cache[rows],
+                                                    v_cache[rows], ctx)
         return self.o_proj(out.view(N, self.nh * self.d))
 
     def _attend(self, q, k, v, ctx: int) -> torch.Tensor:

@@ -112,7 +112,7 @@ class ModelRunner:
             slots += [s.slot] * n
             kv += [s.block_table[q // bs] * bs + q % bs for q in p]
             ctx = first + n
-            rows = [b * bs + o for b in s.block_table[:(ctx + bs - 1) // bs] for o in range(bs)]
+            rows = [s.block_table[q // bs] * bs + q % bs for q in range(ctx)]
             meta.append((start, n, ctx, torch.tensor(rows, device=self.device)))
             if want:
                 samp.append(start + n - 1)
@@ -120,8 +120,14 @@ class ModelRunner:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=self.device)
 
-        return ForwardBatch(t(ids, torch.long), t(pos, torch.long), t(slots, torch.int32),
-                            t(kv, torch.long), meta, t(samp, torch.long))
+        batch = ForwardBatch(t(ids, torch.long), t(pos, torch.long), t(slots, torch.int32),
+                             t(kv, torch.long), meta, t(samp, torch.long), bs)
+        if all(n == 1 for n in num_new):  # decode: the paged kernel reads block tables
+            width = max(len(s.block_table) for s in seqs)
+            batch.block_tables = t([s.block_table + [0] * (width - len(s.block_table))
+                                    for s in seqs], torch.int32)
+            batch.ctx_lens = t([s.num_computed + 1 for s in seqs], torch.int32)
+        return batch
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B', V] float32 of the rows batch.sample_index."""
