@@ -70,9 +70,13 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn
         self.block_size = config.block_size
         self.num_blocks = self._kv_blocks(attn.nkv, attn.d)
-        shape = (L, self.num_blocks * self.block_size, attn.nkv, attn.d)
+        # one extra block past the scheduler's: padding rows of graph replays write there
+        shape = (L, (self.num_blocks + 1) * self.block_size, attn.nkv, attn.d)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if config.cuda_graphs and self.device.type == "cuda":
+            self._capture_decode_graphs()
 
     def _load_model(self, checkpoint: Path) -> LlamaModel:
         with torch.device("meta"):  # no host copy of random weights: 8B would be 32 GB
@@ -130,5 +134,48 @@ class ModelRunner:
         return batch
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B', V] float32 of the rows batch.sample_index."""
-        return self.model(batch, self.k_cache, self.v_cache)
+        """Logits [B', V] float32 of the rows batch.sample_index (a decode step of a captured
+        batch size replays its CUDA graph)."""
+        B = batch.input_ids.shape[0]
+        size = next((b for b in sorted(self.graphs) if b >= B), None)
+        if batch.block_tables is None or size is None or batch.sample_index.shape[0] != B:
+            return self.model(batch, self.k_cache, self.v_cache)
+        st = self._static
+        pad = (self.num_blocks * self.block_size, self.num_blocks)  # scratch row and block
+        for name, value, fill in (("ids", batch.input_ids, 0), ("pos", batch.positions, 0),
+                                  ("slots", batch.slots, 0), ("kv", batch.kv_index, pad[0]),
+                                  ("ctx", batch.ctx_lens, 1)):
+            st[name][:B].copy_(value)
+            st[name][B:size].fill_(fill)
+        st["tables"][:size].fill_(pad[1])
+        st["tables"][:B, :batch.block_tables.shape[1]].copy_(batch.block_tables)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:B].clone()
+
+    def _capture_decode_graphs(self) -> None:
+        """Capture decode steps at bucketed batch sizes. The graphs read the coefficient table
+        and KV cache in place, so later adapter loads and swaps need no recapture."""
+        top = min(self.config.max_num_seqs, 256)
+        sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < top} | {top})
+        width = -(-self.config.max_model_len // self.block_size)
+        dev, long, i32 = self.device, torch.long, torch.int32
+        st = self._static = {
+            "ids": torch.zeros(top, dtype=long, device=dev),
+            "pos": torch.zeros(top, dtype=long, device=dev),
+            "slots": torch.zeros(top, dtype=i32, device=dev),
+            "kv": torch.full((top,), self.num_blocks * self.block_size, dtype=long, device=dev),
+            "ctx": torch.ones(top, dtype=i32, device=dev),
+            "tables": torch.full((top, width), self.num_blocks, dtype=i32, device=dev),
+        }
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
+            batch = ForwardBatch(st["ids"][:b], st["pos"][:b], st["slots"][:b], st["kv"][:b],
+                                 [], torch.arange(b, device=dev), self.block_size,
+                                 st["tables"][:b], st["ctx"][:b])
+            self.model(batch, self.k_cache, self.v_cache)  # warm-up: compile kernels
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model(batch, self.k_cache, self.v_cache)
+            self.graphs[b] = (graph, logits)
