@@ -1,0 +1,230 @@
+"""Choosing the next token: repetition penalty, temperature, top-k, top-p, per-request seeds,
+log-probabilities, and when a sequence stops on a token or on length.
+
+Determinism is the priority: a row's token depends only on its own logits, its parameters and
+its own `torch.Generator`, never on which other rows share the batch or in which order. So the
+same request with the same seed gives the same text however the scheduler batches it. Two
+things make it so:
+
+- All randomness is the Gumbel-max trick, `argmax(logits + Gumbel noise)`, which samples from
+  `softmax(logits)`. Each row draws its noise, V uniforms, from its own generator: the one
+  per-row loop in this file, with one kernel launch per sampled row (unavoidable: a batched draw
+  from one generator would give row i noise that depends on the rows before it).
+- Everything else is row-wise tensor math (penalty, scaling, sort, softmax, cumsum, argmax),
+  vectorised over the batch with per-row parameter tensors, and the kept set of top-k/top-p is
+  a threshold on logit values, so ties are resolved by value, not by the order a sort returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: logits / T would overflow float32
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed accepts
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens and when it stops. Invalid values raise ValueError (the
+    server answers INVALID_ARGUMENT)."""
+
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
+    top_k: int = 0  # keep the k most likely tokens (and any tied with the k-th); 0 = off
+    top_p: float = 1.0  # keep the fewest most likely tokens whose probability sums to >= top_p
+    repetition_penalty: float = 1.0  # CTRL/HF; > 1 discourages tokens of the prompt and output
+    seed: int | None = None  # None: the engine's generator, seeded from its global counter
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()  # stop strings; the matched string is not part of the output
+    stop_token_ids: tuple[int, ...] = ()  # stop tokens besides EOS (these apply with ignore_eos)
+    ignore_eos: bool = False
+    logprobs: bool = False  # report the chosen token's log-probability (see `sample`)
+
+    def __post_init__(self) -> None:
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_int("top_k", self.top_k, 0)
+        _check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+            if self.seed > MAX_SEED:
+                raise ValueError(f"seed must be < 2**64, got {self.seed}")
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        # Sequences become tuples so that params stay hashable; a bare string is refused rather
+        # than read as one stop per character.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a sequence, got {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
+        if len(self.stop) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters: {s!r}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, "
+                             f"got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids entries", t, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator for one request's noise, on the logits' device (`sample` draws on it)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def finish_reason(params: SamplingParams, token_id: int, num_output_tokens: int,
+                  eos_token_ids: Sequence[int]) -> str | None:
+    """Why a sequence stops after emitting `token_id` as its `num_output_tokens`-th token:
+    "stop" (EOS unless ignore_eos, or a stop token id), "length" (max_new_tokens reached), or
+    None to continue. A stop token wins over length, as in vLLM. The stopping token's text is
+    not part of the output. Stop strings are matched on text by `detokenize.StopChecker`."""
+    if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
+        return "stop"
+    if num_output_tokens >= params.max_new_tokens:
+        return "length"
+    return None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32; None when no row asked for logprobs
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None],
+           history: Sequence[Sequence[int]]) -> SampleResult:
+    """Pick one token per row.
+
+    Order, as in HF generate: repetition penalty over the set of ids in `history[i]` (prompt and
+    output so far; read only for rows whose penalty is not 1, ids must be < V), then temperature,
+    top-k, top-p on the renormalised top-k distribution, then a draw. Greedy rows take the
+    argmax of the penalised logits (first index on ties). The reported logprob is the chosen
+    token's log-probability under the distribution it was drawn from: log_softmax of the
+    penalised, scaled and filtered logits; for greedy rows log_softmax of the penalised logits.
+
+    logits: [B, V], any float dtype and device (math in float32, not modified). generators[i]:
+    row i's generator on logits.device; required for sampled rows, ignored for greedy ones.
+    """
+    B, V = logits.shape
+    if not len(params) == len(generators) == len(history) == B:
+        raise ValueError(f"{B} logits rows but {len(params)} params, {len(generators)} "
+                         f"generators and {len(history)} histories")
+    device = logits.device
+    x = _penalise(logits.float(), params, history)  # [B, V]
+    temperature = [1.0 if p.greedy else p.temperature for p in params]
+    if any(t != 1.0 for t in temperature):
+        x = x / torch.tensor(temperature, device=device)[:, None]
+    threshold = _thresholds(x, params)  # [B] or None
+    if threshold is not None:
+        x = x.masked_fill(x < threshold[:, None], -math.inf)
+
+    scores = x
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        gumbel = _gumbel(V, [generators[i] for i in rows], device)  # [S, V]
+        if len(rows) == B:
+            scores = x + gumbel
+        else:
+            idx = torch.tensor(rows, device=device)
+            scores = x.index_put((idx,), x[idx] + gumbel)
+    tokens = scores.argmax(dim=-1)  # [B]
+
+    logprobs = None
+    if any(p.logprobs for p in params):
+        # log_softmax, not x - logsumexp: CUDA's generic reductions split a row differently
+        # for different batch sizes, the softmax kernels only by V, so this stays row-exact.
+        logprobs = x.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)  # [B]
+    return SampleResult(tokens, logprobs)
+
+
+def _penalise(x: torch.Tensor, params: Sequence[SamplingParams],
+              history: Sequence[Sequence[int]]) -> torch.Tensor:
+    """CTRL repetition penalty: each seen token's logit is divided by the penalty if positive,
+    multiplied if negative, once however often it was seen. Returns a new tensor."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and len(history[i])]
+    if not rows:
+        return x
+    device = x.device
+    counts = torch.tensor([len(history[i]) for i in rows], device=device)
+    r = torch.repeat_interleave(torch.tensor(rows, device=device), counts)  # [N]
+    c = torch.tensor(list(chain.from_iterable(history[i] for i in rows)), device=device)  # [N]
+    penalty = torch.repeat_interleave(
+        torch.tensor([params[i].repetition_penalty for i in rows], device=device), counts)
+    seen = x[r, c]  # [N]; a repeated id writes the same value twice, so duplicates are harmless
+    return x.index_put((r, c), torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def _thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor | None:
+    """Per-row smallest logit that top-k/top-p keep ([B], -inf = keep all), or None when no
+    row filters. x: [B, V] scaled logits. Only filtering rows are sorted, and a full sort only
+    when some row uses top-p (top-k alone needs just the k largest)."""
+    B, V = x.shape
+    rows = [i for i, p in enumerate(params)
+            if not p.greedy and (0 < p.top_k < V or p.top_p < 1.0)]
+    if not rows:
+        return None
+    device = x.device
+    idx = torch.tensor(rows, device=device)
+    top_k = [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]
+    top_p = [params[i].top_p for i in rows]
+    k = torch.tensor(top_k, device=device)  # [R]
+    if all(p == 1.0 for p in top_p):
+        values = x[idx].topk(max(top_k), dim=-1).values  # [R, kmax], descending
+        keep = k
+    else:
+        values = x[idx].sort(dim=-1, descending=True).values  # [R, V]
+        ranked = values.masked_fill(torch.arange(V, device=device) >= k[:, None], -math.inf)
+        probs = ranked.softmax(dim=-1)
+        # Mass of the strictly more likely tokens; a token is kept while that is < top_p, which
+        # keeps the fewest tokens reaching top_p and always the first. Shifting the cumsum (not
+        # cumsum - probs) keeps it monotone in float32.
+        before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # [R, V]
+        p = torch.tensor(top_p, device=device)
+        by_p = torch.where(p < 1.0, (before < p[:, None]).sum(dim=-1), V)
+        keep = torch.minimum(by_p, k).clamp(min=1)
+    threshold = torch.full((B,), -math.inf, device=device)
+    threshold[idx] = values.gather(1, (keep - 1)[:, None]).squeeze(1)
+    return threshold
+
+
+def _gumbel(V: int, generators: Sequence[torch.Generator | None],
+            device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise, one row of V per generator: [S, V]. u is uniform on [0, 1), so
+    -log(u) is in (0, inf] and the noise in [-inf, 17): never NaN, even on masked (-inf)
+    logits, and a u of exactly 0 only makes that token lose."""
+    u = torch.empty(len(generators), V, device=device)
+    for j, g in enumerate(generators):
+        if g is None:
+            raise ValueError("a sampled row (temperature > 0) needs a generator")
+        u[j].uniform_(generator=g)
+    return -torch.log(-torch.log(u))
