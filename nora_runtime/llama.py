@@ -187,6 +187,9 @@ class LlamaModel(nn.Module):
         head_dim = self.layers[0].self_attn.d
         self.register_buffer("inv_freq", rope_inv_freq(config, head_dim), persistent=False)
 
+    def get_input_embeddings(self) -> nn.Embedding:  # as transformers models: base_fingerprint
+        return self.embed_tokens
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """Logits [B', V] float32 at batch.sample_index. k_cache/v_cache: [layers,

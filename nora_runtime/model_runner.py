@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nora_runtime.config import EngineConfig
 from nora_runtime.llama import ForwardBatch, LlamaModel, load_weights, rope_inv_freq
+from nora_runtime.ops import use_triton
 from nora_runtime.rational import base_coefficients
 from nora_runtime.table import CoefficientTable
 
@@ -104,20 +105,23 @@ class ModelRunner:
         return n
 
     def prepare(self, seqs, num_new: list[int], sample: list[bool]) -> ForwardBatch:
-        """Device tensors of one step. seqs: objects with .tokens (all known token ids),
-        .num_computed, .block_table, .slot; num_new[i] tokens of seqs[i] are computed now."""
+        """Device tensors of one step. seqs: objects with .token_slice(start, stop) (known token
+        ids), .num_computed, .block_table, .slot; num_new[i] tokens of seqs[i] are computed now."""
         ids, pos, slots, kv, meta, samp = [], [], [], [], [], []
         bs = self.block_size
+        decode = all(n == 1 for n in num_new)
+        paged = decode and use_triton(self.k_cache)  # the kernel reads block tables, not rows
         for s, n, want in zip(seqs, num_new, sample, strict=True):
             start, first = len(ids), s.num_computed
-            ids += s.tokens[first:first + n]
+            ids += s.token_slice(first, first + n)
             p = list(range(first, first + n))
             pos += p
             slots += [s.slot] * n
             kv += [s.block_table[q // bs] * bs + q % bs for q in p]
-            ctx = first + n
-            rows = [s.block_table[q // bs] * bs + q % bs for q in range(ctx)]
-            meta.append((start, n, ctx, torch.tensor(rows, device=self.device)))
+            if not paged:
+                ctx = first + n
+                rows = [s.block_table[q // bs] * bs + q % bs for q in range(ctx)]
+                meta.append((start, n, ctx, torch.tensor(rows, device=self.device)))
             if want:
                 samp.append(start + n - 1)
 
@@ -126,7 +130,7 @@ class ModelRunner:
 
         batch = ForwardBatch(t(ids, torch.long), t(pos, torch.long), t(slots, torch.int32),
                              t(kv, torch.long), meta, t(samp, torch.long), bs)
-        if all(n == 1 for n in num_new):  # decode: the paged kernel reads block tables
+        if decode:  # the paged kernel reads block tables
             width = max(len(s.block_table) for s in seqs)
             batch.block_tables = t([s.block_table + [0] * (width - len(s.block_table))
                                     for s in seqs], torch.int32)

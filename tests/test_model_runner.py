@@ -68,6 +68,9 @@ class Seq:
     num_computed: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        return self.tokens[start:stop]
+
 
 def runner(path, mode="residual") -> ModelRunner:
     cfg = EngineConfig(model=str(path), device="cpu", mode=mode, max_adapters=4, block_size=4,

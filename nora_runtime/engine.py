@@ -1,0 +1,471 @@
+"""The serving engine: requests of many adapters in one continuous batch (DESIGN.md s2).
+
+One background thread runs the loop; every other thread talks to it through `submit` and
+`abort`, which only queue work under a lock:
+
+    loop:  take new requests and aborts (step boundary)
+           -> scheduler.schedule()            which tokens of which sequences run now
+           -> runner.prepare() / forward()    one forward pass over all of them
+           -> sample()                        one token per sequence that finished its prompt
+           -> scheduler.postprocess()
+           -> per request: detokenize, stop checks, TokenEvent to its callback, finish
+
+Callbacks run on the loop thread and must not block (`generate` and `generate_async` put the
+events on a queue). A request holds its adapter's table slot from `submit` to its last event,
+so replacing or unloading the adapter never changes a running request (registry.py).
+
+Determinism: a request's tokens depend only on its prompt, adapter, parameters and seed, never
+on the other requests in its batches (sampling.py draws each row's noise from its own
+generator; the kernels compute each row on its own). Greedy requests give the same text alone
+or batched, up to floating-point differences between batch shapes on GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from nora_runtime.adapter import base_fingerprint
+from nora_runtime.config import EngineConfig
+from nora_runtime.demo import demo_checkpoint
+from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
+from nora_runtime.model_runner import ModelRunner, resolve_checkpoint
+from nora_runtime.registry import AdapterInfo, AdapterNotFound, AdapterRegistry
+from nora_runtime.sampling import SamplingParams, finish_reason, make_generator, sample
+from nora_runtime.scheduler import ScheduledBatch, Scheduler, Sequence, cdiv
+
+log = logging.getLogger(__name__)
+
+# finish reasons of TokenEvent
+FINISH_REASONS = ("length", "eos", "stop", "abort", "time_limit", "error")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one request produced in one step. The concatenated `text` of all events is the
+    output text; `token_ids` includes a stopping token (EOS, stop id) whose text is not output."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens (0 or 1)
+    text: str  # new text (may be "" mid-character or while a stop string may be forming)
+    logprobs: tuple[float, ...] | None  # the new tokens' logprobs, if asked for
+    finish_reason: str | None  # None while running, else one of FINISH_REASONS
+    error: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    queue_seconds: float | None = None  # submit -> first scheduled, on the first event only
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str
+    mode: str
+    act: str
+    groups: int
+    num_layers: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    device: str
+    dtype: str
+    max_adapters: int
+    kv_cache_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    batch_size: int  # sequences in the latest step
+    steps: int
+    preemptions: int
+    slots_used: int  # adapter slots holding an adapter (loaded or retired but still held)
+    slots_total: int
+    adapter_loads: int
+    adapter_evictions: int
+    adapter_load_failures: int
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    stops: StopChecker
+    on_event: Callable[[TokenEvent], None]
+    deadline: float | None
+    submitted: float
+    queue_seconds: float | None = None  # set when first scheduled
+
+
+class Engine:
+    """Loads the model (config.model: a local checkpoint or hub id; None: the built-in demo
+    model) and serves requests from a background thread once `start()`ed.
+
+    adapter_store: the directory that `load_adapter` may read paths from (None: bytes only).
+    """
+
+    def __init__(self, config: EngineConfig | None = None, *,
+                 adapter_store: str | Path | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        checkpoint = demo_checkpoint() if config.model is None else resolve_checkpoint(config.model)
+        self.runner = runner = ModelRunner(config, checkpoint)
+        self.tokenizer = runner.tokenizer
+        hf = runner.hf_config
+        fingerprint = base_fingerprint(runner.model, runner.act)
+        self.registry = AdapterRegistry(runner.table, fingerprint=fingerprint, mode=config.mode,
+                                        act=runner.act, store_dir=adapter_store)
+        self.scheduler = Scheduler(config, runner.num_blocks)
+        self.eos_ids = _eos_ids(checkpoint, hf, self.tokenizer)
+        self.info = ModelInfo(
+            name=config.model or "nora-demo", fingerprint=fingerprint, mode=config.mode,
+            act=runner.act, groups=config.groups, num_layers=hf.num_hidden_layers,
+            vocab_size=hf.vocab_size, max_model_len=config.max_model_len,
+            eos_token_ids=self.eos_ids, device=str(runner.device),
+            dtype=str(runner.dtype).removeprefix("torch."), max_adapters=config.max_adapters,
+            kv_cache_tokens=runner.num_blocks * runner.block_size)
+        self._seeds = random.Random(config.seed)  # seeds of requests that bring none
+        self._lock = threading.Condition()
+        self._incoming: list[_Request] = []
+        self._aborts: dict[str, str] = {}
+        self._ids: set[str] = set()  # request ids submitted and not yet finished
+        self._live: dict[str, _Request] = {}  # loop thread only
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batch_size = self._steps = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="nora-engine",
+                                                daemon=True)
+                self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still in flight end with finish_reason "abort"."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+               adapter: str | bytes | None = None, request_id: str | None = None,
+               deadline: float | None = None,
+               on_event: Callable[[TokenEvent], None]) -> str:
+        """Queue a request; its events go to `on_event` (on the loop thread). `adapter`: an
+        adapter id, or an adapter file's bytes (loaded inline, deduplicated by content).
+        `deadline`: a time.monotonic() after which it ends with "time_limit".
+
+        Raises (nothing is queued then) ValueError for a bad prompt or parameters,
+        AdapterNotFound for an unknown adapter id, the registry's errors for inline bytes.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        max_tokens = min(len(ids) + params.max_new_tokens, self.config.max_model_len)
+        if cdiv(max_tokens, self.runner.block_size) > self.runner.num_blocks:
+            raise ValueError(f"{max_tokens} tokens exceed the KV cache "
+                             f"({self.info.kv_cache_tokens} tokens)")
+        request_id = request_id or uuid.uuid4().hex
+        if not isinstance(request_id, str):
+            raise ValueError("request_id must be a string")
+        adapter_id, slot = self._acquire(adapter)
+        try:
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+            gen = None if params.greedy else make_generator(seed, self.runner.device)
+            seq = Sequence(request_id, ids, max_tokens, slot=slot, tenant=adapter_id or "")
+            req = _Request(seq, params, gen, IncrementalDetokenizer(self.tokenizer),
+                           StopChecker(params.stop), on_event, deadline, time.monotonic())
+            with self._lock:
+                if self._stopping:
+                    raise RuntimeError("the engine is shutting down")
+                if request_id in self._ids:
+                    raise ValueError(f"request id {request_id!r} is already in flight")
+                self._ids.add(request_id)
+                self._incoming.append(req)
+                self._lock.notify()
+        except BaseException:
+            self.registry.release(slot)
+            raise
+        return request_id
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """End a request at the next step boundary (its KV blocks are freed then) with
+        finish_reason `reason`. Unknown or finished ids are ignored."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"reason must be one of {FINISH_REASONS}, got {reason!r}")
+        with self._lock:
+            if request_id in self._ids:
+                self._aborts.setdefault(request_id, reason)
+                self._lock.notify()
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                 adapter: str | bytes | None = None, request_id: str | None = None,
+                 deadline: float | None = None) -> Iterator[TokenEvent]:
+        """Submit and yield the request's events until the last one. Closing the iterator early
+        aborts the request. Needs a started engine."""
+        events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
+                          deadline=deadline, on_event=events.put)
+        done = False
+        try:
+            while not done:
+                event = events.get()
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            if not done:
+                self.abort(rid)
+
+    async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
+                             *, adapter: str | bytes | None = None,
+                             request_id: str | None = None,
+                             deadline: float | None = None) -> AsyncIterator[TokenEvent]:
+        """`generate` for asyncio; cancelling or closing the iterator aborts the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def put(event: TokenEvent) -> None:
+            # RuntimeError: the event loop is closed, so nobody is listening any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
+                          deadline=deadline, on_event=put)
+        done = False
+        try:
+            while not done:
+                event = await events.get()
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            if not done:
+                self.abort(rid)
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def load_adapter(self, adapter_id: str, source: str | Path | bytes) -> AdapterInfo:
+        """Load or replace an adapter (a path inside adapter_store, or file bytes). Running
+        requests keep the version they started with."""
+        return self.registry.load(adapter_id, source)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        self.registry.unload(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.registry.list()
+
+    def stats(self) -> EngineStats:
+        reg, sched = self.registry, self.scheduler
+        return EngineStats(
+            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            kv_usage=sched.kv_usage, batch_size=self._batch_size, steps=self._steps,
+            preemptions=sched.preemptions, slots_used=reg.capacity - reg.num_free,
+            slots_total=reg.capacity, adapter_loads=reg.loads,
+            adapter_evictions=reg.evictions, adapter_load_failures=reg.load_failures)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)
+        while True:
+            with self._lock:
+                while not (self._incoming or self._aborts or self._live or self._stopping):
+                    self._lock.wait()
+                incoming, self._incoming = self._incoming, []
+                aborts, self._aborts = self._aborts, {}
+                stopping = self._stopping
+            for req in incoming:
+                try:
+                    self.scheduler.add(req.seq)  # submit checked what add checks
+                except ValueError as exc:
+                    self._reject(req, str(exc))
+                    continue
+                self._live[req.seq.request_id] = req
+            if stopping:
+                for rid in list(self._live):
+                    self._finish(self._live[rid], "abort")
+                return
+            for rid, reason in aborts.items():
+                if rid in self._live:
+                    self._finish(self._live[rid], reason)
+            now = time.monotonic()
+            for req in [r for r in self._live.values() if r.deadline and r.deadline <= now]:
+                self._finish(req, "time_limit")
+            batch = self.scheduler.schedule()
+            if batch is None:
+                continue
+            try:
+                self._step(batch)
+            except Exception as exc:  # a failed step ends its requests, not the server
+                log.exception("engine step failed")
+                for seq in batch.seqs:
+                    if seq.request_id in self._live:
+                        self._finish(self._live[seq.request_id], "error",
+                                     error=f"{type(exc).__name__}: {exc}")
+
+    def _step(self, batch: ScheduledBatch) -> None:
+        self._steps += 1
+        self._batch_size = len(batch.seqs)
+        now = time.monotonic()
+        for seq in batch.seqs:
+            req = self._live[seq.request_id]
+            if req.queue_seconds is None:
+                req.queue_seconds = now - req.submitted
+        fb = self.runner.prepare(batch.seqs, list(batch.num_new_tokens), list(batch.sample))
+        logits = self.runner.forward(fb)
+        rows = [i for i, want in enumerate(batch.sample) if want]
+        reqs = [self._live[batch.seqs[i].request_id] for i in rows]
+        sampled: list[int | None] = [None] * len(batch.seqs)
+        if reqs:
+            history = [r.seq.tokens if r.params.repetition_penalty != 1.0 else ()
+                       for r in reqs]
+            result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                            history)
+            tokens = result.tokens.tolist()
+            logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+            for i, token in zip(rows, tokens, strict=True):
+                sampled[i] = token
+        self.scheduler.postprocess(batch, sampled)
+        for j, req in enumerate(reqs):
+            self._emit(req, tokens[j], logprobs[j] if logprobs is not None else None)
+
+    def _emit(self, req: _Request, token: int, logprob: float | None) -> None:
+        seq, params = req.seq, req.params
+        n_out = len(seq.output_ids)
+        reason = finish_reason(params, token, n_out, self.eos_ids)
+        if reason == "stop" and token not in params.stop_token_ids:
+            reason = "eos"
+        if reason is None and seq.num_tokens >= seq.max_tokens:
+            reason = "length"  # max_model_len reached before max_new_tokens
+        text, by_string = "", False
+        if reason not in ("stop", "eos"):  # a stopping token's text is not output
+            text, by_string = req.stops.feed(req.detok.step(token))
+        if not by_string and reason is not None:  # the text ends here: send what was held back
+            rest, by_string = req.stops.feed(req.detok.flush())
+            text += rest if by_string else rest + req.stops.flush()
+        if by_string:
+            reason = "stop"
+        queued = req.queue_seconds if n_out == 1 else None
+        event = TokenEvent(seq.request_id, (token,), text,
+                           (logprob,) if params.logprobs and logprob is not None else None,
+                           reason, None, len(seq.prompt_ids), n_out, queued)
+        if reason is not None:
+            self._finish(req, reason, event=event)
+        else:
+            self._deliver(req, event)
+
+    def _finish(self, req: _Request, reason: str, *, event: TokenEvent | None = None,
+                error: str | None = None) -> None:
+        """Remove a request for good: free its KV blocks and slot, send its last event."""
+        seq = req.seq
+        self.scheduler.finish(seq, reason)
+        del self._live[seq.request_id]
+        self.registry.count_tokens(seq.slot, len(seq.output_ids))
+        self.registry.release(seq.slot)
+        with self._lock:
+            self._ids.discard(seq.request_id)
+        if event is None:
+            event = TokenEvent(seq.request_id, (), "", None, reason, error,
+                               len(seq.prompt_ids), len(seq.output_ids))
+        self._deliver(req, event)
+
+    def _reject(self, req: _Request, error: str) -> None:
+        seq = req.seq
+        self.registry.release(seq.slot)
+        with self._lock:
+            self._ids.discard(seq.request_id)
+        self._deliver(req, TokenEvent(seq.request_id, (), "", None, "error", error,
+                                      len(seq.prompt_ids), 0))
+
+    def _deliver(self, req: _Request, event: TokenEvent) -> None:
+        try:
+            req.on_event(event)
+        except Exception:  # one bad callback must not stop the loop for everyone
+            log.exception("event callback of request %s failed", event.request_id)
+
+    # ---- validation ---------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            vocab = self.info.vocab_size
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                       for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        else:
+            raise ValueError(f"prompt must be text or token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within "
+                             f"max_model_len {self.config.max_model_len}")
+        return ids
+
+    def _adapter_id(self, adapter: str | bytes | None) -> str | None:
+        if adapter is None or adapter == "":
+            return None
+        if isinstance(adapter, bytes):
+            return self.registry.load_inline(adapter)
+        if isinstance(adapter, str):
+            return adapter
+        raise ValueError(f"adapter must be an id or adapter bytes, got {type(adapter).__name__}")
+
+    def _acquire(self, adapter: str | bytes | None) -> tuple[str | None, int]:
+        """The adapter id and the slot the request holds from now on."""
+        adapter_id = self._adapter_id(adapter)
+        try:
+            return adapter_id, self.registry.acquire(adapter_id)
+        except AdapterNotFound:
+            if not isinstance(adapter, bytes):
+                raise
+        # evicted between load_inline and acquire (every other slot busy): load it again
+        adapter_id = self._adapter_id(adapter)
+        return adapter_id, self.registry.acquire(adapter_id)
+
+
+def _eos_ids(checkpoint: Path, hf_config, tokenizer) -> tuple[int, ...]:
+    """EOS ids from the model config, generation_config.json (Llama 3 lists several) and the
+    tokenizer."""
+    ids: list[int | list[int] | None] = [hf_config.eos_token_id, tokenizer.eos_token_id]
+    with contextlib.suppress(OSError):  # OSError: no generation_config.json
+        ids.append(GenerationConfig.from_pretrained(checkpoint).eos_token_id)
+    flat = itertools.chain.from_iterable(i if isinstance(i, list) else [i] for i in ids)
+    return tuple(sorted({i for i in flat if i is not None}))
+
+
+__all__ = ["Engine", "EngineStats", "FINISH_REASONS", "ModelInfo", "TokenEvent",
+           "AdapterNotFound"]
