@@ -45,7 +45,7 @@ from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
 from nora_runtime.model_runner import ModelRunner, resolve_checkpoint
 from nora_runtime.registry import AdapterInfo, AdapterNotFound, AdapterRegistry
 from nora_runtime.sampling import SamplingParams, finish_reason, make_generator, sample
-from nora_runtime.scheduler import ScheduledBatch, Scheduler, Sequence, cdiv
+from nora_runtime.scheduler import ScheduledBatch, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,18 @@ class Engine:
                                         act=runner.act, store_dir=adapter_store)
         self.scheduler = Scheduler(config, runner.num_blocks)
         self.eos_ids = _eos_ids(checkpoint, hf, self.tokenizer)
+        kv_tokens = runner.num_blocks * runner.block_size
+        if config.max_model_len > kv_tokens:
+            log.warning("max_model_len %d exceeds the KV cache: sequences end at %d tokens",
+                        config.max_model_len, kv_tokens)
+        self.max_model_len = min(config.max_model_len, kv_tokens)
         self.info = ModelInfo(
             name=config.model or "nora-demo", fingerprint=fingerprint, mode=config.mode,
             act=runner.act, groups=config.groups, num_layers=hf.num_hidden_layers,
-            vocab_size=hf.vocab_size, max_model_len=config.max_model_len,
+            vocab_size=hf.vocab_size, max_model_len=self.max_model_len,
             eos_token_ids=self.eos_ids, device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."), max_adapters=config.max_adapters,
-            kv_cache_tokens=runner.num_blocks * runner.block_size)
+            kv_cache_tokens=kv_tokens)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
         self._lock = threading.Condition()
         self._incoming: list[_Request] = []
@@ -192,10 +197,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
-        max_tokens = min(len(ids) + params.max_new_tokens, self.config.max_model_len)
-        if cdiv(max_tokens, self.runner.block_size) > self.runner.num_blocks:
-            raise ValueError(f"{max_tokens} tokens exceed the KV cache "
-                             f"({self.info.kv_cache_tokens} tokens)")
+        max_tokens = min(len(ids) + params.max_new_tokens, self.max_model_len)
         request_id = request_id or uuid.uuid4().hex
         if not isinstance(request_id, str):
             raise ValueError("request_id must be a string")
@@ -430,9 +432,9 @@ class Engine:
             raise ValueError(f"prompt must be text or token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("empty prompt")
-        if len(ids) >= self.config.max_model_len:
+        if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within "
-                             f"max_model_len {self.config.max_model_len}")
+                             f"max_model_len {self.max_model_len}")
         return ids
 
     def _adapter_id(self, adapter: str | bytes | None) -> str | None:
