@@ -14,6 +14,15 @@ num_A [L, r, 6], num_B [L, G', r], den_A [L, r, 4], den_B [L, G', r]. Metadata (
 format="nora-adapter", format_version="1", base_fingerprint, act, mode, groups (G'),
 base_groups (G_base), rank, alpha (repr of a float), sites (JSON list of site names).
 
+NoRA++ adapters (NoRA plus LoRA on linear layers) add a LoRA part to the same file: for each
+adapted linear module, by its path in the transformers model's `named_modules()` (e.g.
+"model.layers.0.self_attn.q_proj"), tensors `lora.<path>.A` [r_lora, in_features] and
+`lora.<path>.B` [out_features, r_lora] (float32), and three metadata keys: lora_modules (JSON
+list of the paths), lora_rank (r_lora), lora_alpha (repr of a float). The layer computes
+W x + b + (lora_alpha / lora_rank) B (A x). `load_adapter` reads and validates that part into
+`LoadedAdapter.lora` (None for plain NoRA); a reader must refuse what it cannot apply rather than
+drop it (the registry raises UnsupportedAdapter: it serves NoRA only).
+
 `load_adapter` validates everything and raises a subclass of AdapterError (a ValueError):
 AdapterMismatchError when a sound adapter does not fit the model it is checked against (the
 server answers FAILED_PRECONDITION), any other AdapterError when the file itself is bad
@@ -48,6 +57,8 @@ FACTORS = ("num_A", "num_B", "den_A", "den_B")
 TENSORS = ("base", *FACTORS)
 META_KEYS = ("format", "format_version", "base_fingerprint", "act", "mode", "groups",
              "base_groups", "rank", "alpha", "sites")
+LORA_META_KEYS = ("lora_modules", "lora_rank", "lora_alpha")  # NoRA++ only, all or none
+LORA_PREFIX = "lora."
 # An 80-layer adapter with G' = 64 and r = 16 is ~0.4 MB; anything near this is not an adapter,
 # and refusing it up front keeps a hostile upload from costing a large read and JSON parse.
 MAX_ADAPTER_BYTES = 64 << 20
@@ -133,6 +144,36 @@ class AdapterSpec:
         L, G0, G, r = len(self.sites), self.base_groups, self.groups, self.rank
         return {"base": (L, G0, N_COEF), "num_A": (L, r, N_NUM), "num_B": (L, G, r),
                 "den_A": (L, r, N_DEN), "den_B": (L, G, r)}
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """The LoRA part of a NoRA++ adapter: each module's weight W becomes W + s B @ A, with
+    s = alpha / rank. factors: module path -> (A [rank, in_features], B [out_features, rank])."""
+
+    rank: int
+    alpha: float
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora rank must be a positive int, got {self.rank!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora alpha must be finite and > 0, got {self.alpha!r}")
+        if not self.factors or not all(isinstance(p, str) and p for p in self.factors):
+            raise ValueError("lora factors need at least one module, named by a non-empty str")
+        for path, (A, B) in self.factors.items():
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != self.rank or B.shape[1] != self.rank:
+                raise ValueError(f"lora factors of {path!r} must be A [{self.rank}, in] and "
+                                 f"B [out, {self.rank}], got {tuple(A.shape)} and "
+                                 f"{tuple(B.shape)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def num_parameters(self) -> int:
+        return sum(A.numel() + B.numel() for A, B in self.factors.values())
 
 
 def merge(base: torch.Tensor, num_A: torch.Tensor, num_B: torch.Tensor, den_A: torch.Tensor,
@@ -242,8 +283,8 @@ def base_fingerprint(model_or_config: PreTrainedModel | PretrainedConfig | dict[
 # ---- file format ---------------------------------------------------------------------------
 
 
-def _file_parts(adapter: NoraAdapter,
-                base_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _file_parts(adapter: NoraAdapter, base_fingerprint: str,
+                lora: LoraWeights | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(base_fingerprint, str) or not base_fingerprint:
         raise ValueError(f"base_fingerprint must be a non-empty str, got {base_fingerprint!r}")
     spec = adapter.spec
@@ -253,19 +294,26 @@ def _file_parts(adapter: NoraAdapter,
             "base_fingerprint": base_fingerprint, "act": spec.act, "mode": spec.mode,
             "groups": str(spec.groups), "base_groups": str(spec.base_groups),
             "rank": str(spec.rank), "alpha": repr(spec.alpha), "sites": json.dumps(spec.sites)}
+    if lora is not None:
+        for path, (A, B) in lora.factors.items():
+            tensors[f"{LORA_PREFIX}{path}.A"] = A.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"{LORA_PREFIX}{path}.B"] = B.detach().to("cpu", torch.float32).contiguous()
+        meta.update(lora_modules=json.dumps(list(lora.factors)), lora_rank=str(lora.rank),
+                    lora_alpha=repr(float(lora.alpha)))
     return tensors, meta
 
 
 def save_adapter(adapter: NoraAdapter, path: str | os.PathLike[str], *,
-                 base_fingerprint: str) -> None:
-    """Write `adapter` as a nora adapter safetensors file."""
-    tensors, meta = _file_parts(adapter, base_fingerprint)
+                 base_fingerprint: str, lora: LoraWeights | None = None) -> None:
+    """Write `adapter` (with `lora`: a NoRA++ adapter) as a nora adapter safetensors file."""
+    tensors, meta = _file_parts(adapter, base_fingerprint, lora)
     st_save_file(tensors, path, metadata=meta)
 
 
-def adapter_to_bytes(adapter: NoraAdapter, *, base_fingerprint: str) -> bytes:
+def adapter_to_bytes(adapter: NoraAdapter, *, base_fingerprint: str,
+                     lora: LoraWeights | None = None) -> bytes:
     """The bytes `save_adapter` would write."""
-    tensors, meta = _file_parts(adapter, base_fingerprint)
+    tensors, meta = _file_parts(adapter, base_fingerprint, lora)
     return st_save(tensors, metadata=meta)
 
 
@@ -277,6 +325,7 @@ class LoadedAdapter:
     base_fingerprint: str
     coefs: torch.Tensor  # [L, G', 10] float32, merged once at load
     tensors: dict[str, torch.Tensor] = field(repr=False)  # as stored (TENSORS); read-only
+    lora: LoraWeights | None = field(default=None, repr=False)  # NoRA++ only
 
     @property
     def nbytes(self) -> int:
@@ -306,11 +355,12 @@ def load_adapter(path_or_bytes: str | os.PathLike[str] | bytes, *,
     data = _read(path_or_bytes)
     meta = _metadata(data)
     spec = _spec(meta)
-    tensors = _tensors(data, spec)
+    tensors = _tensors(data, spec, meta)
     coefs = merge(*(tensors[n] for n in TENSORS), spec.scale)  # [L, G', 10]
     _check_finite(tensors, coefs)
+    lora = _lora(tensors, meta)
     loaded = LoadedAdapter(spec=spec, base_fingerprint=meta["base_fingerprint"], coefs=coefs,
-                           tensors=tensors)
+                           tensors={n: tensors[n] for n in TENSORS}, lora=lora)
     _check_expected(loaded, expect_fingerprint, expect_mode, expect_act, expect_sites)
     return loaded
 
@@ -376,16 +426,58 @@ def _spec(meta: dict[str, str]) -> AdapterSpec:
         raise AdapterFormatError(f"bad adapter metadata: {e}") from e
 
 
-def _tensors(data: bytes, spec: AdapterSpec) -> dict[str, torch.Tensor]:
-    """The stored tensors, checked for names, dtype and shapes against `spec`."""
+def _lora_names(meta: dict[str, str]) -> list[str]:
+    """The LoRA tensor names the metadata promises (none for a plain NoRA adapter)."""
+    present = [k for k in LORA_META_KEYS if k in meta]
+    if not present:
+        return []
+    if len(present) != len(LORA_META_KEYS):
+        raise AdapterFormatError(f"adapter metadata has {present} but not all of "
+                                 f"{list(LORA_META_KEYS)}")
+    try:
+        modules = json.loads(meta["lora_modules"])
+    except ValueError as e:
+        raise AdapterFormatError(f"bad adapter metadata lora_modules: {e}") from e
+    if (not isinstance(modules, list) or not modules
+            or not all(isinstance(m, str) and m for m in modules)
+            or len(set(modules)) != len(modules)):
+        raise AdapterFormatError(f"bad adapter metadata lora_modules={meta['lora_modules']!r}: "
+                                 "not a JSON list of distinct module paths")
+    return [f"{LORA_PREFIX}{m}.{f}" for m in modules for f in ("A", "B")]
+
+
+def _lora(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraWeights | None:
+    """The LoRA part (validated tensors from `_tensors`), or None for a plain NoRA adapter."""
+    if "lora_modules" not in meta:
+        return None
+    try:
+        rank, alpha = int(meta["lora_rank"]), float(meta["lora_alpha"])
+    except ValueError as e:
+        raise AdapterFormatError(f"bad adapter metadata lora_rank / lora_alpha: {e}") from e
+    factors = {m: (tensors[f"{LORA_PREFIX}{m}.A"], tensors[f"{LORA_PREFIX}{m}.B"])
+               for m in json.loads(meta["lora_modules"])}
+    try:
+        return LoraWeights(rank=rank, alpha=alpha, factors=factors)
+    except ValueError as e:
+        raise AdapterShapeError(f"bad LoRA part: {e}") from e
+
+
+def _tensors(data: bytes, spec: AdapterSpec, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The stored tensors, checked for names, dtype and shapes against `spec` (the LoRA
+    part's names and dtype only; `_lora` checks its shapes)."""
     try:
         tensors = st_load(data)
     except SafetensorError as e:
         raise AdapterFormatError(f"truncated or corrupt safetensors data: {e}") from e
-    if set(tensors) != set(TENSORS):
-        raise AdapterFormatError(f"adapter tensors must be {sorted(TENSORS)}; missing "
-                                 f"{sorted(set(TENSORS) - set(tensors))}, unexpected "
-                                 f"{sorted(set(tensors) - set(TENSORS))}")
+    names = {*TENSORS, *_lora_names(meta)}
+    if set(tensors) != names:
+        raise AdapterFormatError(f"adapter tensors must be {sorted(names)}; missing "
+                                 f"{sorted(names - set(tensors))}, unexpected "
+                                 f"{sorted(set(tensors) - names)}")
+    for name in names - set(TENSORS):
+        if tensors[name].dtype != torch.float32:
+            raise AdapterFormatError(f"tensor {name} has dtype {tensors[name].dtype}, "
+                                     "expected float32")
     for name, shape in spec.shapes().items():
         t = tensors[name]
         if t.dtype != torch.float32:

@@ -64,6 +64,12 @@ class GroupCountMismatch(AdapterMismatchError):
     """The adapter's G' groups do not divide the table's G (FAILED_PRECONDITION)."""
 
 
+class UnsupportedAdapter(AdapterMismatchError):
+    """A sound adapter of a kind this server cannot apply: NoRA++ adapters carry LoRA weights
+    for linear layers besides their coefficients (FAILED_PRECONDITION). Refused outright, never
+    served with the LoRA part silently dropped."""
+
+
 class AdapterNotFound(KeyError):
     """No adapter is loaded under this id (the server answers NOT_FOUND)."""
 
@@ -281,6 +287,11 @@ class AdapterRegistry:
         """Merged coefficients [L, G', 10] of adapter bytes that fit the served model."""
         loaded = load_adapter(data, expect_fingerprint=self.fingerprint, expect_mode=self.mode,
                               expect_act=self.act, expect_sites=self.table.num_sites)
+        if loaded.lora is not None:
+            raise UnsupportedAdapter(
+                f"NoRA++ adapters carry LoRA weights ({len(loaded.lora.factors)} linear "
+                "modules), which this server cannot serve in mixed batches yet; load a NoRA "
+                "adapter (coefficients only)")
         g = loaded.coefs.shape[1]
         if self.table.groups % g:
             raise GroupCountMismatch(f"adapter has groups={g}; the model's {self.table.groups} "
