@@ -1,0 +1,148 @@
+"""`nora`: call a nora server from the shell.
+
+    nora generate --adapter demo-1 "Once upon a time"     # streams the text to stdout
+    nora adapters list | load ID --path FILE | load ID --file LOCAL_FILE | unload ID
+    nora tokenize "some text" ; nora info ; nora health
+
+Connection flags go before the command; each has an environment variable (NORA_TARGET,
+NORA_AUTH_TOKEN, NORA_ADMIN_TOKEN, NORA_TLS_CA, NORA_TLS_CERT, NORA_TLS_KEY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from nora_client.client import DEFAULT_TARGET, NoraClient
+from nora_proto.v1 import nora_pb2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="nora", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=env("NORA_TARGET", DEFAULT_TARGET),
+                   help=f"server host:port [NORA_TARGET; default: {DEFAULT_TARGET}]")
+    p.add_argument("--token", default=env("NORA_AUTH_TOKEN"),
+                   help="bearer token [NORA_AUTH_TOKEN]")
+    p.add_argument("--admin-token", default=env("NORA_ADMIN_TOKEN"),
+                   help="bearer token for adapters load/unload [NORA_ADMIN_TOKEN]")
+    p.add_argument("--tls", action="store_true", help="use TLS (system roots, or --tls-ca)")
+    p.add_argument("--tls-ca", default=env("NORA_TLS_CA"),
+                   help="CA certificate (PEM) [NORA_TLS_CA]")
+    p.add_argument("--tls-cert", default=env("NORA_TLS_CERT"),
+                   help="client certificate (PEM) for mTLS [NORA_TLS_CERT]")
+    p.add_argument("--tls-key", default=env("NORA_TLS_KEY"),
+                   help="client key (PEM) for mTLS [NORA_TLS_KEY]")
+    p.add_argument("--server-name", help="name to check the server's certificate against")
+    p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (streamed)")
+    g.add_argument("prompt")
+    a = g.add_mutually_exclusive_group()
+    a.add_argument("--adapter", help="id of a loaded adapter")
+    a.add_argument("--adapter-file", type=Path, help="a local adapter file, sent inline")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    g.add_argument("--time-limit", type=float, help="seconds")
+    g.add_argument("--json", action="store_true",
+                   help="print the whole response as JSON instead of streaming text")
+
+    t = sub.add_parser("tokenize", help="token ids of a text")
+    t.add_argument("text")
+    sub.add_parser("info", help="the served model and the server's limits")
+    sub.add_parser("health", help="grpc.health.v1 status (exit status 0 if SERVING)")
+
+    ad = sub.add_parser("adapters", help="list, load or unload adapters")
+    asub = ad.add_subparsers(dest="action", required=True)
+    asub.add_parser("list")
+    ld = asub.add_parser("load", help="load or replace an adapter")
+    ld.add_argument("adapter_id")
+    src = ld.add_mutually_exclusive_group(required=True)
+    src.add_argument("--path", help="a file inside the server's adapter store")
+    src.add_argument("--file", type=Path, help="a local adapter file, uploaded")
+    ul = asub.add_parser("unload")
+    ul.add_argument("adapter_id")
+    return p
+
+
+def _json(message) -> str:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True)
+
+
+def _generate(nora: NoraClient, args) -> None:
+    params = dict(adapter_id=args.adapter, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                  time_limit=args.time_limit)
+    if args.adapter_file is not None:
+        params["adapter_bytes"] = args.adapter_file.read_bytes()
+    if args.json:
+        print(_json(nora.generate(args.prompt, **params)))
+        return
+    last = None
+    for last in nora.generate_stream(args.prompt, **params):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    print()
+    if last is not None:
+        reason = nora_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
+        print(f"[{reason.lower()}: {last.usage.prompt_tokens} prompt + "
+              f"{last.usage.completion_tokens} generated tokens]"
+              + (f" {last.error}" if last.error else ""), file=sys.stderr)
+
+
+def run(args) -> int:
+    with NoraClient(args.target, token=args.token, admin_token=args.admin_token, tls=args.tls,
+                    ca_cert=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
+                    server_name=args.server_name, timeout=args.timeout) as nora:
+        if args.command == "generate":
+            _generate(nora, args)
+        elif args.command == "tokenize":
+            print(" ".join(map(str, nora.tokenize(args.text))))
+        elif args.command == "info":
+            print(_json(nora.model_info()))
+        elif args.command == "health":
+            status = nora.health()
+            print(status)
+            return 0 if status == "SERVING" else 1
+        elif args.action == "list":
+            reply = nora.list_adapters()
+            print(f"{reply.slots_used}/{reply.slots_total} slots used")
+            for a in reply.adapters:
+                print(f"{a.adapter_id}\tslot {a.slot}\t{a.requests} requests\t"
+                      f"{a.generated_tokens} tokens\t{a.running_requests} running\t{a.source}")
+        elif args.action == "load":
+            data = args.file.read_bytes() if args.file is not None else None
+            info = nora.load_adapter(args.adapter_id, path=args.path, data=data)
+            print(f"loaded {info.adapter_id} into slot {info.slot} ({info.size_bytes} bytes)")
+        else:
+            nora.unload_adapter(args.adapter_id)
+            print(f"unloaded {args.adapter_id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = run(args)
+    except grpc.RpcError as exc:
+        print(f"nora: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The server process: gRPC (nora.v1 + grpc.health.v1 + reflection), /metrics, lifecycle.
+
+`NoraServer` listens before the model is loaded: health says NOT_SERVING and nora RPCs answer
+UNAVAILABLE until `attach(engine)`, then SERVING. `stop()` drains: health NOT_SERVING, new
+RPCs refused, in-flight ones given the grace period, then cancelled (which aborts their engine
+requests). `serve()` is all of that for `nora-serve`, stopping on SIGTERM or SIGINT.
+
+Health checking and reflection come from grpcio-health-checking and grpcio-reflection. Where
+those packages are missing (a machine with grpcio but nothing else installable), the server
+still serves nora.v1 and logs that health checking or reflection is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+
+from nora_proto.v1 import nora_pb2, nora_pb2_grpc
+from nora_runtime.config import EngineConfig
+from nora_runtime.engine import Engine, EngineStats
+from nora_server.auth import AuthInterceptor, server_credentials
+from nora_server.config import ServerConfig
+from nora_server.metrics import Metrics
+from nora_server.service import NoraService
+
+log = logging.getLogger("nora_server")
+
+SERVICE_NAME = nora_pb2.DESCRIPTOR.services_by_name["Nora"].full_name  # "nora.v1.Nora"
+
+
+class NoraServer:
+    """One gRPC server (and its /metrics endpoint) for one engine."""
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(self._stats, adapter_labels=config.metrics_adapter_labels)
+        self.service = NoraService(config, self.metrics)
+        self._pending_engine = engine
+        self._server: grpc.aio.Server | None = None
+        self._health = None  # grpc_health's servicer, when the package is there
+        self.port: int | None = None  # bound ports, once started
+        self.metrics_port: int | None = None
+
+    def _stats(self) -> EngineStats | None:
+        engine = self.service.engine
+        return None if engine is None else engine.stats()
+
+    async def start(self) -> None:
+        c = self.config
+        interceptors = []
+        if c.auth_token or c.admin_token:
+            interceptors.append(AuthInterceptor(
+                c.auth_token, c.admin_token,
+                on_reject=lambda m: self.metrics.rpcs.labels(m.rsplit("/", 1)[-1],
+                                                             "UNAUTHENTICATED").inc()))
+        options = [("grpc.max_receive_message_length", c.max_message_bytes),
+                   ("grpc.max_send_message_length", c.max_message_bytes)]
+        self._server = server = grpc.aio.server(interceptors=interceptors, options=options)
+        nora_pb2_grpc.add_NoraServicer_to_server(self.service, server)
+        names = [SERVICE_NAME]
+        self._health, health_name = await _add_health(server)
+        names += [health_name] if health_name else []
+        _add_reflection(server, names)
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert:
+            creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+        if self._pending_engine is not None:
+            await self.attach(self._pending_engine)
+
+    async def attach(self, engine: Engine) -> None:
+        """Serve `engine` (loaded and started) from now on; health turns SERVING."""
+        self.service.engine = engine
+        await self._set_health(serving=True)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace`
+        seconds (default: config.grace_seconds), cancel what is left."""
+        grace = self.config.grace_seconds if grace is None else grace
+        self.service.accepting = False
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.metrics.close()
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._health is None:
+            return
+        from grpc_health.v1 import health_pb2
+
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):  # "" = the server as a whole
+            await self._health.set(name, status)
+
+
+async def _add_health(server: grpc.aio.Server):
+    """grpc.health.v1 with every service NOT_SERVING; (servicer, service name) or (None, None)
+    without grpcio-health-checking."""
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    except ImportError:
+        log.warning("grpcio-health-checking is not installed: no grpc.health.v1 service")
+        return None, None
+    servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:
+        log.warning("grpcio-reflection is not installed: no server reflection")
+        return
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+
+
+# ---- nora-serve ----------------------------------------------------------------------------
+
+
+def preload_adapters(engine: Engine, directory: str | Path) -> list[str]:
+    """Load every `*.safetensors` file of `directory` (the adapter store) under its file name
+    without the suffix; return the ids loaded. A file that fails is logged and skipped."""
+    loaded = []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            engine.load_adapter(path.stem, path.name)
+        except Exception as exc:  # one bad file must not keep the others from serving
+            log.error("adapter %s not loaded: %s", path.name, exc)
+        else:
+            loaded.append(path.stem)
+    return loaded
+
+
+async def _load_engine(engine_config: EngineConfig, adapter_dir: str | None,
+                       stop: asyncio.Event) -> Engine | None:
+    """Build and start the engine on a daemon thread (so that a signal during a long load
+    still exits at once); None if `stop` was set first."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Engine] = loop.create_future()
+
+    def build() -> None:
+        try:
+            engine = Engine(engine_config, adapter_store=adapter_dir).start()
+        except BaseException as exc:  # handed to the event loop, which re-raises it
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, engine)
+
+    threading.Thread(target=build, name="nora-load", daemon=True).start()
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([done, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    return done.result() if done.done() else None
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def serve(config: ServerConfig, engine_config: EngineConfig, *,
+                announce=_say) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain and exit. With the demo model
+    (engine_config.model None) and no adapter_dir, demo adapters are written and preloaded."""
+    from nora_server.demo import demo_adapter_dir, write_demo_adapters
+
+    demo = engine_config.model is None and config.adapter_dir is None
+    adapter_dir = str(demo_adapter_dir(engine_config.mode)) if demo else config.adapter_dir
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = NoraServer(config)
+    await server.start()
+    where = "localhost" if config.host in ("0.0.0.0", "::", "[::]") else config.host
+    announce(f"nora: listening on {config.host}:{server.port} "
+             f"({'TLS' if config.tls_cert else 'plaintext'}); loading "
+             f"{engine_config.model or 'the built-in demo model'} ...")
+    engine = await _load_engine(engine_config, adapter_dir, stop)
+    if engine is None:
+        await server.stop(0)
+        return
+    try:
+        if demo:
+            write_demo_adapters(engine.info, adapter_dir)
+        adapters = preload_adapters(engine, adapter_dir) if adapter_dir else []
+        await server.attach(engine)
+        i = engine.info
+        announce(f"nora: serving {i.name} ({i.mode} mode, {i.device}, {i.dtype}) on "
+                 f"{config.host}:{server.port}")
+        if server.metrics_port is not None:
+            announce(f"nora: metrics at http://{where}:{server.metrics_port}/metrics")
+        announce(f"nora: adapters: {', '.join(adapters) or '(none)'}")
+        example = f" --adapter {adapters[0]}" if adapters else ""
+        flags = "" if server.port == 50051 and where == "localhost" else (
+            f" --target {where}:{server.port}")
+        flags += " --tls-ca CERT.pem" if config.tls_cert else ""
+        flags += " --token TOKEN" if config.auth_token else ""
+        announce(f'nora: try   nora{flags} generate{example} "Hello"')
+        await stop.wait()
+        announce(f"nora: draining (up to {config.grace_seconds:g} s) ...")
+        await server.stop()
+    finally:
+        engine.shutdown()
+    announce("nora: stopped")

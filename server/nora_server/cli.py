@@ -1,0 +1,136 @@
+"""`nora-serve`: serve a model (default: the built-in demo model with demo adapters) over gRPC.
+
+Every flag has an environment variable: --max-input-tokens is NORA_MAX_INPUT_TOKENS, and so on
+(flags win). Defaults come from EngineConfig and ServerConfig. Prefer the environment for
+tokens (NORA_AUTH_TOKEN, NORA_ADMIN_TOKEN): command lines are visible to other users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+
+from nora_runtime.config import EngineConfig
+from nora_server.app import serve
+from nora_server.config import ServerConfig
+
+ENGINE_FLAGS = {  # EngineConfig field -> help
+    "model": "checkpoint directory or hub id (default: the built-in demo model)",
+    "device": "auto (cuda if available), cuda, cuda:N or cpu",
+    "dtype": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32",
+    "mode": "activation mode: replace (the rational is the activation) or residual "
+            "(exact base model; adapters add a bounded change)",
+    "groups": "rational groups of the coefficient table",
+    "max_adapters": "adapter slots resident at once",
+    "max_num_seqs": "running sequences at most (batch size)",
+    "max_num_batched_tokens": "token budget of one engine step",
+    "max_model_len": "prompt + generated tokens of one sequence",
+    "kv_memory_fraction": "GPU: fraction of free memory given to the KV cache",
+    "kv_cache_tokens_cpu": "CPU: KV cache size in tokens",
+    "cuda_graphs": "capture decode steps in CUDA graphs on GPU",
+    "seed": "seed for requests without one of their own",
+}
+SERVER_FLAGS = {  # ServerConfig field -> help
+    "host": "address to listen on",
+    "port": "gRPC port (0: any free port)",
+    "metrics_port": "Prometheus /metrics HTTP port (off: none)",
+    "adapter_dir": "adapter store: LoadAdapter paths resolve inside it; its *.safetensors "
+                   "files are loaded at startup under their names",
+    "max_input_tokens": "longest prompt accepted, in tokens (default: max model length - 1)",
+    "max_total_tokens": "prompt + max_new_tokens at most (default: max model length)",
+    "max_concurrent_requests": "generations in flight at most; more get RESOURCE_EXHAUSTED",
+    "max_message_bytes": "largest gRPC message (inline adapters travel in one)",
+    "grace_seconds": "on SIGTERM/SIGINT, how long in-flight requests get to finish",
+    "tls_cert": "TLS certificate chain (PEM); with --tls-key, serve TLS",
+    "tls_key": "TLS private key (PEM)",
+    "tls_client_ca": "require client certificates signed by this CA (mTLS)",
+    "auth_token": "bearer token every RPC must carry (prefer NORA_AUTH_TOKEN)",
+    "admin_token": "bearer token LoadAdapter/UnloadAdapter require (prefer NORA_ADMIN_TOKEN)",
+    "metrics_adapter_labels": "adapter ids with their own metrics label; later ones count "
+                              "as 'other'",
+}
+OFF = ("off", "none", "")
+
+
+def _parser_for(annotation: str):
+    """A str -> value converter for a dataclass field's annotation (a string here)."""
+    kind = float if "float" in annotation else int if "int" in annotation else str
+    optional = "None" in annotation
+
+    def convert(text: str):
+        if optional and text.lower() in OFF:
+            return None
+        return kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def _env_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, help_text in helps.items():
+        field = fields[name]
+        flag, env = "--" + name.replace("_", "-"), "NORA_" + name.upper()
+        default = field.default
+        if field.type == "bool":
+            if env in os.environ:
+                default = _env_bool(os.environ[env])
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=default, help=f"{help_text} [{env}]")
+            continue
+        convert = _parser_for(field.type)
+        if env in os.environ:
+            try:
+                default = convert(os.environ[env])
+            except ValueError:
+                parser.error(f"{env}={os.environ[env]!r} is not a valid {convert.__name__}")
+        shown = "(none)" if default is None else default
+        secret = name.endswith("token")
+        parser.add_argument(flag, dest=name, type=convert, default=default,
+                            help=f"{help_text} [{env}; default: "
+                                 f"{'(hidden)' if secret and default else shown}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nora-serve", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_flags(parser.add_argument_group("model and engine"), EngineConfig, ENGINE_FLAGS)
+    _add_flags(parser.add_argument_group("server"), ServerConfig, SERVER_FLAGS)
+    parser.add_argument("--log-level", default=os.environ.get("NORA_LOG_LEVEL", "INFO"),
+                        help="logging level [NORA_LOG_LEVEL; default: INFO]")
+    return parser
+
+
+def configs(argv: list[str] | None = None) -> tuple[ServerConfig, EngineConfig, str]:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        engine = EngineConfig(**{k: args[k] for k in ENGINE_FLAGS})
+        server = ServerConfig(**{k: args[k] for k in SERVER_FLAGS})
+    except ValueError as exc:
+        parser.error(str(exc))
+    return server, engine, args["log_level"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    server, engine, level = configs(argv)
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(server, engine))
+
+
+if __name__ == "__main__":
+    main()

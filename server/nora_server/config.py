@@ -1,0 +1,56 @@
+"""Server configuration: one frozen dataclass, validated on construction. `nora-serve` reads
+its flag defaults from here (and the engine's from nora_runtime.config.EngineConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: any free port (NoraServer.port tells which)
+    metrics_port: int | None = 9400  # Prometheus /metrics over HTTP; 0: any free port; None: off
+    adapter_dir: str | None = None  # the adapter store: LoadAdapter paths resolve inside it;
+    #                                 its *.safetensors files are loaded at startup
+    # Limits. None: the engine's max_model_len (input: one less, leaving room for a token).
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None  # prompt + max_new_tokens
+    max_concurrent_requests: int = 256  # generations in flight; beyond: RESOURCE_EXHAUSTED
+    max_message_bytes: int = 16 << 20  # gRPC receive/send limit (inline adapters travel in it)
+    grace_seconds: float = 30.0  # on SIGTERM/SIGINT, in-flight requests get this long to finish
+    # TLS: PEM files. With client_ca, clients must present a certificate it signed (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Bearer tokens ("authorization: Bearer <token>" metadata). auth_token guards every RPC;
+    # admin_token, when set, is required for LoadAdapter and UnloadAdapter (and accepted on the
+    # others too).
+    auth_token: str | None = None
+    admin_token: str | None = None
+    metrics_adapter_labels: int = 32  # adapter ids with their own metric label (metrics.py)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        for name in ("max_input_tokens", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("max_concurrent_requests", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.metrics_adapter_labels < 0:
+            raise ValueError("metrics_adapter_labels must be >= 0, got "
+                             f"{self.metrics_adapter_labels}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        for name in ("auth_token", "admin_token"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must not be empty (leave it unset for none)")

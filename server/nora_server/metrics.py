@@ -1,0 +1,138 @@
+"""Prometheus metrics of one server, on their own registry (so several servers can share a
+process) and served over HTTP by `prometheus_client`.
+
+Names follow Prometheus conventions: the `nora_` prefix, base units (`_seconds`, ratios in
+[0, 1]), `_total` on counters. Engine state (running and waiting requests, KV cache usage,
+batch size, adapter slots and load/eviction/failure counters) is read from `Engine.stats()` at
+scrape time; request-path metrics are recorded by the servicer as requests run.
+
+Per-adapter label cardinality is bounded (`AdapterLabels`): the first K adapter ids the server
+loads or serves (K = ServerConfig.metrics_adapter_labels, default 32) get their own `adapter`
+label value, kept for the life of the process so that counters stay monotonic across unloads
+and replaces. Every later id counts under "other", inline adapters (content ids "sha256:...")
+under "inline" and requests without an adapter under "base": at most K + 3 series per metric.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nora_runtime.registry import INLINE_PREFIX
+
+BASE, INLINE, OTHER = "base", "inline", "other"
+FINISH_REASONS = ("length", "eos", "stop", "cancelled", "time_limit", "error")
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class AdapterLabels:
+    """The `adapter` label value of an adapter id (rule in the module docstring)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter_id: str | None) -> str:
+        if not adapter_id:
+            return BASE
+        if adapter_id.startswith(INLINE_PREFIX):
+            return INLINE
+        with self._lock:
+            if adapter_id in self._named:
+                return adapter_id
+            if len(self._named) < self.limit and adapter_id not in (BASE, INLINE, OTHER):
+                self._named.add(adapter_id)
+                return adapter_id
+        return OTHER
+
+
+class EngineCollector(Collector):
+    """Engine state, read once per scrape. `stats` returns an EngineStats or None (no model
+    loaded yet: nothing to report)."""
+
+    def __init__(self, stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.stats()
+        if s is None:
+            return
+        gauges = [
+            ("nora_requests_running", "Requests in the running batch", s.num_running),
+            ("nora_requests_waiting", "Requests queued for the engine", s.num_waiting),
+            ("nora_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", s.kv_usage),
+            ("nora_batch_size", "Sequences in the latest engine step", s.batch_size),
+            ("nora_adapter_slots_used", "Adapter slots holding an adapter", s.slots_used),
+            ("nora_adapter_slots_total", "Adapter slots of the coefficient table",
+             s.slots_total),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = [
+            ("nora_engine_steps", "Engine steps (forward passes)", s.steps),
+            ("nora_preemptions", "Sequences preempted for KV cache space", s.preemptions),
+            ("nora_adapter_loads", "Adapters loaded (including replaces)", s.adapter_loads),
+            ("nora_adapter_evictions", "Idle adapters evicted for a slot", s.adapter_evictions),
+            ("nora_adapter_load_failures", "Adapter loads refused (bad file, path or model)",
+             s.adapter_load_failures),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)  # exposed as <name>_total
+
+
+class Metrics:
+    """Every metric of one server."""
+
+    def __init__(self, stats, *, adapter_labels: int) -> None:
+        self.registry = r = CollectorRegistry()
+        self.adapter_label = AdapterLabels(adapter_labels)
+        self.rpcs = Counter("nora_rpc_requests", "RPCs finished, by method and gRPC status code",
+                            ["method", "code"], registry=r)
+        self.finished = Counter("nora_generate_requests",
+                                "Generation requests finished, by finish reason",
+                                ["finish_reason"], registry=r)
+        for reason in FINISH_REASONS:  # present (at 0) from the start
+            self.finished.labels(reason)
+        self.ttft = Histogram("nora_time_to_first_token_seconds",
+                              "Arrival to the first generated token", buckets=TTFT_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("nora_inter_token_latency_seconds",
+                             "Time between consecutive generated tokens of a request",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("nora_e2e_request_latency_seconds",
+                             "Arrival to the last token of a generation request",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.queue = Histogram("nora_request_queue_seconds",
+                               "Arrival to the first scheduled engine step",
+                               buckets=QUEUE_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("nora_prompt_tokens", "Prompt tokens of admitted requests",
+                                     registry=r)
+        self.generated_tokens = Counter("nora_generated_tokens", "Generated tokens", registry=r)
+        self.adapter_requests = Counter("nora_adapter_requests",
+                                        "Generation requests admitted, by adapter (bounded)",
+                                        ["adapter"], registry=r)
+        self.adapter_tokens = Counter("nora_adapter_generated_tokens",
+                                      "Generated tokens, by adapter (bounded)", ["adapter"],
+                                      registry=r)
+        r.register(EngineCollector(stats))
+        self._http = None
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP; returns the bound port (`port` 0: any free one)."""
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
