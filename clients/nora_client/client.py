@@ -100,10 +100,13 @@ class _Options:
         self.credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(ca_cert), private_key=_read(client_key),
             certificate_chain=_read(client_cert)) if self.tls else None
-        self.options = [("grpc.enable_retries", 1),
-                        ("grpc.service_config", _service_config(retries)),
-                        ("grpc.max_receive_message_length", max_message_bytes),
+        self.options = [("grpc.max_receive_message_length", max_message_bytes),
                         ("grpc.max_send_message_length", max_message_bytes)]
+        if retries > 0:
+            self.options += [("grpc.enable_retries", 1),
+                             ("grpc.service_config", _service_config(retries))]
+        else:
+            self.options.append(("grpc.enable_retries", 0))
         if server_name:
             self.options.append(("grpc.ssl_target_name_override", server_name))
 

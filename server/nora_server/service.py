@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from nora_proto.v1 import nora_pb2, nora_pb2_grpc
-from nora_runtime.adapter import AdapterMismatchError
+from nora_runtime.adapter import AdapterError, AdapterMismatchError
 from nora_runtime.engine import Engine, TokenEvent
 from nora_runtime.registry import MAX_ID_LEN, AdapterInfo, AdapterNotFound, RegistryFull
 from nora_runtime.sampling import SamplingParams
@@ -70,7 +70,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     ]
     for kind, code in table:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, f"adapter: {exc}" if isinstance(exc, AdapterError) else str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 

@@ -1,0 +1,132 @@
+"""`nora-serve` as a real process (the demo model and demo adapters, on CPU) driven by the `nora`
+command line and the Python client: the announced example command works, and SIGTERM drains
+(health turns NOT_SERVING, new calls are refused, a stream in flight finishes, exit status 0).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nora_client import NoraClient
+from nora_proto.v1 import nora_pb2
+
+BIN = Path(sys.executable).parent
+
+
+def command(name: str, module: str) -> list[str]:
+    """The installed console script, else the same entry point through `python -m`."""
+    script = BIN / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+class Serve:
+    """`nora-serve` in a subprocess, its output collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "NORA_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            [*command("nora-serve", "nora_server.cli"), *args], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, prefix: str, timeout: float = 180) -> str:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {prefix!r} line; output:\n"
+                                     + "\n".join(self.output)) from None
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def serve():
+    s = Serve("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cpu",
+              "--kv-cache-tokens-cpu", "8192", "--grace-seconds", "60")
+    s.port = int(s.wait_for("nora: listening on").split()[3].rsplit(":", 1)[1])
+    s.wait_for("nora: serving")
+    yield s
+    s.kill()
+
+
+def nora_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*command("nora", "nora_client.cli"), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_announced_example_and_cli_commands(serve):
+    adapters = serve.wait_for("nora: adapters:")
+    assert adapters == "nora: adapters: demo-1, demo-2, demo-3"
+    example = serve.wait_for("nora: try")
+    args = shlex.split(example.split("try", 1)[1])[1:]  # the words after `nora`
+    assert args[:4] == ["--target", f"127.0.0.1:{serve.port}", "generate", "--adapter"]
+    out = nora_cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"\[(length|eos): 5 prompt \+ \d+ generated tokens\]", out.stderr)
+
+    target = ("--target", f"127.0.0.1:{serve.port}")
+    out = nora_cli(*target, "health")
+    assert (out.returncode, out.stdout.strip()) == (0, "SERVING")
+    out = nora_cli(*target, "adapters", "list")
+    assert out.returncode == 0 and "3/1024 slots used" in out.stdout
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()[1:]] == [
+        "demo-1", "demo-2", "demo-3"]
+    out = nora_cli(*target, "adapters", "load", "copy", "--path", "demo-2.safetensors")
+    assert out.returncode == 0 and out.stdout.startswith("loaded copy into slot 4")
+    greedy = ("generate", "--temperature", "0", "--max-new-tokens", "8", "Hi")
+    copy = nora_cli(*target, *greedy, "--adapter", "copy")
+    original = nora_cli(*target, *greedy, "--adapter", "demo-2")
+    assert copy.returncode == 0 and copy.stdout == original.stdout
+    assert nora_cli(*target, "adapters", "unload", "copy").returncode == 0
+    out = nora_cli(*target, *greedy, "--adapter", "copy")
+    assert out.returncode == 1 and out.stderr.startswith("nora: NOT_FOUND:")
+    out = nora_cli(*target, "tokenize", "Hi")
+    assert out.returncode == 0 and len(out.stdout.split()) == 2  # one token per byte
+
+
+def test_sigterm_drains_a_stream_in_flight(serve):
+    with NoraClient(f"127.0.0.1:{serve.port}", retries=0, timeout=120) as nora:
+        watch = health_pb2_grpc.HealthStub(nora.channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        call = nora.generate_stream("Hello", max_new_tokens=300, ignore_eos=True)
+        parts = [next(call)]
+
+        serve.proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            nora.generate("Hello", max_new_tokens=4)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        parts += list(call)  # the stream in flight runs to its end
+        assert parts[-1].finish_reason == nora_pb2.FINISH_REASON_LENGTH
+        assert sum(len(p.token_ids) for p in parts) == 300
+    assert serve.proc.wait(60) == 0
+    serve.wait_for("nora: stopped")
