@@ -25,10 +25,14 @@ class EngineConfig:
     tenant_share: float = 0.5  # while others wait, one adapter holds at most this share of seats
     cuda_graphs: bool = True  # capture decode steps on GPU at bucketed batch sizes
     seed: int = 0  # for requests without a seed of their own
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
+    # (as vLLM's), for benchmarks of a model shape from its config.json alone
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32: {self.dtype!r}")
         for name in ("groups", "max_adapters", "max_num_seqs", "max_num_batched_tokens",

@@ -46,6 +46,18 @@ def resolve_checkpoint(model: str) -> Path:
                                                          "*.txt", "*.jinja"]))
 
 
+def init_random(model: LlamaModel, std: float = 0.02) -> None:
+    """Random weights in place (transformers' Llama init: normal(0, std) matrices, unit
+    norms, zero biases), generated on the model's device."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith("bias"):
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, std)
+
+
 class ModelRunner:
     """Weights, KV cache and coefficient table of one served model, on one device.
 
@@ -85,7 +97,10 @@ class ModelRunner:
         model = model.to_empty(device=self.device).to(self.dtype)
         if self.hf_config.tie_word_embeddings:  # leaving the meta device unties them
             model.lm_head.weight = model.embed_tokens.weight
-        load_weights(model, checkpoint)
+        if self.config.load_format == "dummy":
+            init_random(model)
+        else:
+            load_weights(model, checkpoint)
         head_dim = model.layers[0].self_attn.d
         model.inv_freq = rope_inv_freq(self.hf_config, head_dim).to(self.device)
         return model.eval().requires_grad_(False)

@@ -6,6 +6,10 @@ Slot 0 is the base (no adapter) and is read-only. Loading an adapter copies its 
 coefficients into a slot in place; `data` is never reallocated, so CUDA graphs captured with a
 pointer to it stay valid across hot swaps (DESIGN.md s2). The rational kernels read one site at
 a time through `site(l)`, a [S, G, 10] view.
+
+On a GPU, writes go through a side stream of their own: a load copies 10 KiB while the serving
+loop's forward pass runs on the default stream, instead of queueing behind it (the slot written
+is one that no running request reads).
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class CoefficientTable:
         base = expand_groups(base.float(), groups)  # [L, G, 10]
         _check_finite(base, "base coefficients")
         self.data = base.to(device).unsqueeze(0).repeat(slots, 1, 1, 1).contiguous()
+        self._stream = None
+        if self.data.is_cuda:  # the side stream must not wait for the serving loop's work, so
+            torch.cuda.synchronize(self.data.device)  # `data` is complete before any write
+            self._stream = torch.cuda.Stream(self.data.device)
 
     @property
     def num_slots(self) -> int:
@@ -79,12 +87,21 @@ class CoefficientTable:
                              f"got {tuple(coefs.shape)}")
         coefs = expand_groups(coefs.float(), self.groups)
         _check_finite(coefs, f"coefficients for slot {slot}")
-        self.data[slot].copy_(coefs)
+        self._copy(slot, coefs.pin_memory() if self._stream else coefs)
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to the base (no adapter), in place."""
         self._check_writable(slot)
-        self.data[slot].copy_(self.data[0])
+        self._copy(slot, self.data[0])
+
+    def _copy(self, slot: int, src: torch.Tensor) -> None:
+        """data[slot] = src, complete when this returns."""
+        if self._stream is None:
+            self.data[slot].copy_(src)
+            return
+        with torch.cuda.stream(self._stream):
+            self.data[slot].copy_(src, non_blocking=True)
+        self._stream.synchronize()
 
     def _check_writable(self, slot: int) -> None:
         if slot == 0:

@@ -429,3 +429,24 @@ def test_submit_from_many_threads(served):
     for t in threads:
         t.join(TIMEOUT)
     assert out == solo
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_engine_batched_equals_alone(checkpoint):
+    """On a GPU: Triton kernels, paged decode attention and CUDA graphs (decode batches replay
+    graphs padded to a bucket size; adapters were loaded after capture)."""
+    e = make_engine(checkpoint, device="cuda", dtype="float32", max_num_seqs=16,
+                    max_model_len=256)
+    try:
+        assert e.runner.graphs
+        e.load_adapter("a", adapter(e, 1))
+        e.load_adapter("b", adapter(e, 2))
+        e.start()
+        reqs = mixed_requests()
+        solo = [alone(e, *r) for r in reqs]
+        batched = run(e, reqs)
+        for s, b in zip(solo, batched, strict=True):
+            assert b.tokens == s.tokens and b.reason == s.reason
+        assert len({alone(e, PROMPTS[0], GREEDY, a).text for a in (None, "a", "b")}) == 3
+    finally:
+        e.shutdown()
