@@ -87,7 +87,9 @@ class CoefficientTable:
                              f"got {tuple(coefs.shape)}")
         coefs = expand_groups(coefs.float(), self.groups)
         _check_finite(coefs, f"coefficients for slot {slot}")
-        self._copy(slot, coefs.pin_memory() if self._stream else coefs)
+        if self._stream is not None:  # from pinned host memory: the side stream waits for
+            coefs = coefs.cpu().pin_memory()  # nothing on the default stream (module docstring)
+        self._copy(slot, coefs)
 
     def clear(self, slot: int) -> None:
         """Reset `slot` to the base (no adapter), in place."""

@@ -436,7 +436,7 @@ def test_gpu_engine_batched_equals_alone(checkpoint):
     """On a GPU: Triton kernels, paged decode attention and CUDA graphs (decode batches replay
     graphs padded to a bucket size; adapters were loaded after capture)."""
     e = make_engine(checkpoint, device="cuda", dtype="float32", max_num_seqs=16,
-                    max_model_len=256)
+                    max_model_len=256, kv_memory_fraction=0.05)
     try:
         assert e.runner.graphs
         e.load_adapter("a", adapter(e, 1))

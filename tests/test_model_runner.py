@@ -79,9 +79,9 @@ class Seq:
         return self.tokens[start:stop]
 
 
-def runner(path, mode="residual") -> ModelRunner:
-    cfg = EngineConfig(model=str(path), device="cpu", mode=mode, max_adapters=4, block_size=4,
-                       kv_cache_tokens_cpu=1024)
+def runner(path, mode="residual", device="cpu") -> ModelRunner:
+    cfg = EngineConfig(model=str(path), device=device, mode=mode, max_adapters=4, block_size=4,
+                       kv_cache_tokens_cpu=1024, kv_memory_fraction=0.05)
     return ModelRunner(cfg, path)
 
 
@@ -137,14 +137,16 @@ def test_chunked_prefill_and_decode_match_full_forward(checkpoint, backend, monk
     if backend == "triton" and "llama3" not in str(checkpoint):
         pytest.skip("the Triton path (interpreted on CPU) is slow: one architecture suffices")
     monkeypatch.setenv("NORA_BACKEND", backend)  # triton: paged decode + rational kernels
-    r = runner(checkpoint)
+    # compiled Triton needs the model on the GPU; without one, the interpreter runs it on CPU
+    r = runner(checkpoint, device="cuda" if backend == "triton" and torch.cuda.is_available()
+               else "cpu")
     ids = r.tokenizer(PROMPT)["input_ids"]
     s = Seq(ids, block_table=table(1, len(ids)))
     for n in (5, 3, len(ids) - 8 - 4):  # prefill in three chunks
         step(r, [s], [n])
     for _ in range(4):  # then one token at a time, as decode does
         step(r, [s], [1])
-    got = torch.cat(s.logits)
+    got = torch.cat(s.logits).cpu()
     torch.testing.assert_close(got, hf_logits(checkpoint, ids), rtol=1e-4, atol=1e-4)
 
 
@@ -177,7 +179,7 @@ def test_mixed_adapters_batch_equals_each_alone(checkpoint):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_sees_adapters_loaded_after_capture(checkpoint):
     cfg = EngineConfig(model=str(checkpoint), device="cuda", dtype="float32", max_adapters=4,
-                       block_size=4, max_num_seqs=8, max_model_len=128)
+                       block_size=4, max_num_seqs=8, max_model_len=128, kv_memory_fraction=0.05)
     r = ModelRunner(cfg, checkpoint)
     assert r.graphs  # captured at start
     ids = r.tokenizer(PROMPT)["input_ids"][:10]

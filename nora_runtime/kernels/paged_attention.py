@@ -25,7 +25,7 @@ def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
     scale, stride_qb, stride_qh, stride_kr, stride_kh, stride_tb, n_parts,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PART: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PART: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -54,7 +54,7 @@ def _paged_decode_kernel(
         k = tl.load(k_ptr + kv_off, mask=tmask[:, None], other=0.0)  # [BN, D]
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GP, BN]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [GP, BN]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -63,7 +63,7 @@ def _paged_decode_kernel(
         v = tl.load(v_ptr + kv_off, mask=tmask[:, None], other=0.0)  # [BN, D]
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
         m_i = m_new
     # partial state of (b, heads, part); an empty partition leaves m = -inf, l = 0, acc = 0
     row = (b.to(tl.int64) * GROUP * tl.num_programs(1) + heads) * n_parts + part  # [GP]
@@ -105,6 +105,7 @@ def paged_decode_attention(
         block_tables.stride(0), n_parts,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PART=part, UPCAST=not fast_math(),
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
     )
     w = torch.exp(m - m.amax(dim=2, keepdim=True))  # [B, nh, P]; empty partitions weigh 0
     out = (acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]
