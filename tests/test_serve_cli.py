@@ -116,7 +116,7 @@ def test_sigterm_drains_a_stream_in_flight(serve):
         watch = health_pb2_grpc.HealthStub(nora.channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=120)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        call = nora.generate_stream("Hello", max_new_tokens=300, ignore_eos=True)
+        call = nora.generate_stream("Hello", max_new_tokens=100, ignore_eos=True)
         parts = [next(call)]
 
         serve.proc.send_signal(signal.SIGTERM)
@@ -127,6 +127,6 @@ def test_sigterm_drains_a_stream_in_flight(serve):
 
         parts += list(call)  # the stream in flight runs to its end
         assert parts[-1].finish_reason == nora_pb2.FINISH_REASON_LENGTH
-        assert sum(len(p.token_ids) for p in parts) == 300
+        assert sum(len(p.token_ids) for p in parts) == 100
     assert serve.proc.wait(60) == 0
     serve.wait_for("nora: stopped")

@@ -199,6 +199,8 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
         if demo:
             write_demo_adapters(engine.info, adapter_dir)
         adapters = preload_adapters(engine, adapter_dir) if adapter_dir else []
+        for adapter_id in adapters:  # preloaded adapters claim their metric labels first
+            server.metrics.adapter_label(adapter_id)
         await server.attach(engine)
         i = engine.info
         announce(f"nora: serving {i.name} ({i.mode} mode, {i.device}, {i.dtype}) on "

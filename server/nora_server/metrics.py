@@ -123,6 +123,9 @@ class Metrics:
         self.adapter_tokens = Counter("nora_adapter_generated_tokens",
                                       "Generated tokens, by adapter (bounded)", ["adapter"],
                                       registry=r)
+        for label in (BASE, INLINE, OTHER):
+            self.adapter_requests.labels(label)
+            self.adapter_tokens.labels(label)
         r.register(EngineCollector(stats))
         self._http = None
 
