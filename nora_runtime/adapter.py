@@ -454,6 +454,9 @@ def _lora(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraWeights
         rank, alpha = int(meta["lora_rank"]), float(meta["lora_alpha"])
     except ValueError as e:
         raise AdapterFormatError(f"bad adapter metadata lora_rank / lora_alpha: {e}") from e
+    if rank < 1 or not (math.isfinite(alpha) and alpha > 0):
+        raise AdapterFormatError(f"bad adapter metadata lora_rank={rank}, lora_alpha={alpha}: "
+                                 "need a positive rank and a finite alpha > 0")
     factors = {m: (tensors[f"{LORA_PREFIX}{m}.A"], tensors[f"{LORA_PREFIX}{m}.B"])
                for m in json.loads(meta["lora_modules"])}
     try:

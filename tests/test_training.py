@@ -204,6 +204,8 @@ Q = "lora.model.layers.0.self_attn.q_proj"
     (_meta(lora_rank=None), AdapterFormatError, "not all of"),
     (_meta(lora_modules="{}"), AdapterFormatError, "lora_modules"),
     (_meta(lora_rank="3"), AdapterShapeError, "q_proj"),
+    (_meta(lora_alpha="nan"), AdapterFormatError, "lora_alpha=nan"),
+    (_meta(lora_rank="0"), AdapterFormatError, "positive rank"),
     (_tensor(f"{Q}.A", torch.zeros(2, 16, dtype=torch.float64)), AdapterFormatError, "dtype"),
     (_tensor(f"{Q}.A", torch.full((2, 16), float("nan"))), AdapterValueError, "NaN"),
     (_tensor("lora.extra.A", torch.zeros(2, 2)), AdapterFormatError, "unexpected.*extra"),
@@ -282,20 +284,20 @@ def test_gradient_accumulation_equals_one_big_batch(ckpt, tok):
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(ckpt, tok, tmp_path):
-    s = LoopSettings(lr=0.02, epochs=10, batch_size=4, save_every=4, eval_every=3,
+    s = LoopSettings(lr=0.02, epochs=5, batch_size=4, save_every=3, eval_every=2,
                      progress=False)
     ev = examples(tok, [("hi", "nora")])
     straight, h1 = trained(ckpt, tok, s, eval_set=ev)
 
     def crash(step: int, loss: float) -> None:
-        if step == 9:
+        if step == 7:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         trained(ckpt, tok, s, eval_set=ev, out_dir=tmp_path, on_step=crash)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 6
     resumed, h2 = trained(ckpt, tok, s, eval_set=ev, out_dir=tmp_path, resume=True)
-    assert h2.steps == h1.steps == 20 and h2.train == h1.train and h2.eval == h1.eval
+    assert h2.steps == h1.steps == 10 and h2.train == h1.train and h2.eval == h1.eval
     for a, b in zip(straight.adapter.parameters(), resumed.adapter.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -343,8 +345,8 @@ def test_triton_backward_trains_like_the_torch_reference(ckpt, tok, monkeypatch)
 def test_cli_trains_nora_and_nora_plus_plus(ckpt, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS]
                        + [{"text": "hello nora"}])
-    common = [str(data), "--epochs", "10", "--max-steps", "6", "--eval-every", "2", "--eval-fraction", "0.3",
-              "--lr", "0.02", "--no-progress", "--seed", "1"]
+    common = [str(data), "--epochs", "10", "--max-steps", "6", "--eval-every", "2",
+              "--eval-fraction", "0.3", "--lr", "0.02", "--no-progress", "--seed", "1"]
     assert train_main([*common, "--out", str(tmp_path / "n")]) == 0
     out = tmp_path / "n"
     fp = base_fingerprint(demo_model(ckpt), "silu")
@@ -430,3 +432,22 @@ def test_demo_adapter_served_by_the_engine_in_one_batch_with_the_base(demo, ckpt
             assert (text, reason) == (demo_task.COMPLETION, "eos"), p
         else:
             assert demo_task.COMPLETION not in text and reason == "length", p
+
+
+@pytest.mark.slow
+def test_digits_benchmark_quick(tmp_path):
+    """benchmarks/digits_adapt.py on one seed and two methods (the full run: ~10 min)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "digits_adapt.py"
+    spec = importlib.util.spec_from_file_location("digits_adapt", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "digits"
+    assert bench.main(["--seeds", "0", "--methods", "head", "nora", "--out", str(out)]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert {"device", "date", "versions", "command", "rows"} <= set(doc)
+    rows = {r["name"]: r["value"] for r in doc["rows"]}
+    assert rows["nora/trainable_parameters"] == 312 + 325
+    assert rows["head/accuracy_mean"] > 0.5 and rows["nora/accuracy_mean"] > 0.5  # chance 0.2
+    assert "| nora |" in out.with_suffix(".md").read_text()

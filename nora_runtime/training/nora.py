@@ -128,8 +128,7 @@ class NoraModel(nn.Module):
         if set(binding.kinds) != {act}:
             raise ValueError(f"activation sites of different kinds {set(binding.kinds)}: an "
                              "adapter file has one")
-        # fingerprint: the config and embedding, which conversion does not touch
-        fingerprint = base_fingerprint(model, act)
+        fingerprint = fingerprint_of(model, act)
         L = len(binding.site_names)
         base = base_coefficients(act, binding.fit).expand(L, nora.groups, -1)  # [L, G, 10]
         with torch.random.fork_rng(devices=[]):
@@ -225,6 +224,14 @@ class NoraModel(nn.Module):
                 yield
         finally:
             self.binding.table = self._train_table
+
+
+def fingerprint_of(model: nn.Module, act: str) -> str:
+    """base_fingerprint of the model (config and token embedding, which conversion does not
+    touch), or of its config alone when it has no token embedding matrix (ViT's patches)."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if get is not None else None
+    return base_fingerprint(model if isinstance(weight, torch.Tensor) else model.config, act)
 
 
 def head_path(adapter_path: str | Path) -> Path:
