@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -48,6 +49,11 @@ FINISH = {  # engine finish reason -> proto enum, metrics label
     "time_limit": (nora_pb2.FINISH_REASON_TIME_LIMIT, "time_limit"),
     "error": (nora_pb2.FINISH_REASON_ERROR, "error"),
 }
+
+
+# How a handler learns that its RPC is over: grpc.aio cancels the handler's task while it
+# awaits, or closes a streaming handler's generator at a `yield` (GeneratorExit).
+CANCELLED = (asyncio.CancelledError, GeneratorExit)
 
 
 class RpcError(Exception):
@@ -96,9 +102,10 @@ def rpc(method):
             @functools.wraps(fn)
             async def streaming(self, request, context):
                 try:
-                    async for response in fn(self, request, context):
-                        yield response
-                except asyncio.CancelledError:
+                    async with aclosing(fn(self, request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                except CANCELLED:
                     self.metrics.rpcs.labels(method, _cancel_code(context).name).inc()
                     raise
                 except Exception as exc:
@@ -110,7 +117,7 @@ def rpc(method):
         async def unary(self, request, context):
             try:
                 response = await fn(self, request, context)
-            except asyncio.CancelledError:
+            except CANCELLED:
                 self.metrics.rpcs.labels(method, _cancel_code(context).name).inc()
                 raise
             except Exception as exc:
@@ -195,8 +202,9 @@ class NoraService(nora_pb2_grpc.NoraServicer):
 
     @rpc("GenerateStream")
     async def GenerateStream(self, request, context) -> AsyncIterator[nora_pb2.GenerateResponse]:
-        async for part in self._generate(request):
-            yield part
+        async with aclosing(self._generate(request)) as parts:
+            async for part in parts:
+                yield part
 
     async def _generate(self, request) -> AsyncIterator[nora_pb2.GenerateResponse]:
         engine = self._engine()
@@ -227,15 +235,16 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 adapter = adapter_id = request.adapter_id
             deadline = time.monotonic() + time_limit if time_limit > 0 else None
             tracker = _Tracker(self.metrics, self.metrics.adapter_label(adapter_id))
+            events = engine.generate_async(ids, params, adapter=adapter, deadline=deadline,
+                                           request_id=request.request_id or None)
             first = True
             try:
-                async for ev in engine.generate_async(ids, params, adapter=adapter,
-                                                      request_id=request.request_id or None,
-                                                      deadline=deadline):
-                    tracker.event(ev)
-                    yield self._response(ev, adapter_id, ids if first else None, request)
-                    first = False
-            except asyncio.CancelledError:  # the client's cancel or deadline, or grace ended
+                async with aclosing(events):  # leaving early aborts the engine request
+                    async for ev in events:
+                        tracker.event(ev)
+                        yield self._response(ev, adapter_id, ids if first else None, request)
+                        first = False
+            except CANCELLED:  # the client's cancel or deadline, or the grace period ended
                 tracker.done("cancelled")
                 raise
         finally:
