@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -364,7 +365,7 @@ def main() -> None:
                 parts[name](ckpt, cfg, res, args.small)
             except Exception as e:  # keep the other parts' numbers
                 res[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
-                print(res[f"{name}_error"], flush=True)
+                traceback.print_exc()
             res[f"{name}_s"] = time.perf_counter() - t
             free_memory()  # the part's model and caches went with its frame
             save()

@@ -92,7 +92,9 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if config.cuda_graphs and self.device.type == "cuda":
+        # graphs capture the paged decode kernel; the torch path (NORA_BACKEND=torch) attends
+        # per sequence from host-side metadata, which a replay cannot change
+        if config.cuda_graphs and self.device.type == "cuda" and use_triton(self.k_cache):
             self._capture_decode_graphs()
 
     def _load_model(self, checkpoint: Path) -> LlamaModel:
@@ -190,11 +192,12 @@ class ModelRunner:
             "kv": torch.full((top,), self.num_blocks * self.block_size, dtype=long, device=dev),
             "ctx": torch.ones(top, dtype=i32, device=dev),
             "tables": torch.full((top, width), self.num_blocks, dtype=i32, device=dev),
+            "sample": torch.arange(top, device=dev),  # every row samples in decode
         }
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
             batch = ForwardBatch(st["ids"][:b], st["pos"][:b], st["slots"][:b], st["kv"][:b],
-                                 [], torch.arange(b, device=dev), self.block_size,
+                                 [], st["sample"][:b], self.block_size,
                                  st["tables"][:b], st["ctx"][:b])
             self.model(batch, self.k_cache, self.v_cache)  # warm-up: compile kernels
             torch.cuda.synchronize(dev)

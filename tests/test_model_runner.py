@@ -80,8 +80,9 @@ class Seq:
 
 
 def runner(path, mode="residual", device="cpu") -> ModelRunner:
-    cfg = EngineConfig(model=str(path), device=device, mode=mode, max_adapters=4, block_size=4,
-                       kv_cache_tokens_cpu=1024, kv_memory_fraction=0.05)
+    cfg = EngineConfig(model=str(path), device=device, dtype="float32", mode=mode,
+                       max_adapters=4, block_size=4, kv_cache_tokens_cpu=1024,
+                       kv_memory_fraction=0.05)
     return ModelRunner(cfg, path)
 
 
