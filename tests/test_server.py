@@ -210,7 +210,7 @@ def test_load_unload_and_replace_while_serving(served, engine):
 # ---- status codes --------------------------------------------------------------------------
 
 
-def test_invalid_argument(served, engine):
+def test_invalid_argument(served, engine, store):
     bad_requests = [
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
@@ -229,8 +229,12 @@ def test_invalid_argument(served, engine):
         assert code == Code.INVALID_ARGUMENT and "the limit is 4095" in message
         code, message = code_of(nora.stub.Generate, nora_pb2.GenerateRequest())
         assert code == Code.INVALID_ARGUMENT and "prompt" in message
+        outside = store.parent / "outside.safetensors"
+        outside.write_bytes(adapter_bytes(engine, 1))
+        (store / "link.safetensors").unlink(missing_ok=True)
+        (store / "link.safetensors").symlink_to(outside)
         for path in ("../a.safetensors", "/etc/passwd", "sub/../../a.safetensors",
-                     "missing.safetensors"):
+                     "missing.safetensors", "link.safetensors", str(outside)):
             code, message = code_of(nora.load_adapter, "p", path=path)
             assert code == Code.INVALID_ARGUMENT and repr(path) in message, path
         code, _ = code_of(nora.load_adapter, "bad id", data=adapter_bytes(engine, 1))
@@ -336,6 +340,19 @@ def test_health_not_serving_until_the_model_is_attached(engine):
             s.call(s.server.attach(engine))
             assert nora.health() == nora.health(SERVICE_NAME) == "SERVING"
             assert nora.generate(PROMPT, **SHORT).usage.completion_tokens == 12
+    finally:
+        s.close()
+
+
+def test_client_retries_unavailable_until_the_model_is_loaded(engine):
+    s = ServerThread(None)
+    try:
+        attach = threading.Timer(0.1, lambda: s.call(s.server.attach(engine)))
+        attach.start()
+        with s.client() as nora:  # default: 4 retries with exponential backoff
+            assert nora.generate(PROMPT, **SHORT).usage.completion_tokens == 12
+        attach.join()
+        assert s.metric("nora_rpc_requests_total", method="Generate", code="UNAVAILABLE") >= 1
     finally:
         s.close()
 

@@ -8,7 +8,8 @@
 Responses are the API's proto messages (typed by nora_pb2.pyi). Options: a bearer token (and an
 admin token for LoadAdapter/UnloadAdapter), TLS with a CA file, a client certificate (mTLS).
 Calls the server could not take (UNAVAILABLE: not reachable, still loading, draining) are
-retried by gRPC's own retry policy, with exponential backoff, up to `retries` times.
+retried by gRPC's own retry policy, with exponential backoff, up to `retries` times (at most 4:
+gRPC's limit is 5 attempts).
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def _read(pem: str | bytes | Path | None) -> bytes | None:
 def _service_config(retries: int) -> str:
     """gRPC retry policy: UNAVAILABLE only (the server did not take the call, so a retry cannot
     run a request twice)."""
-    retry = {"maxAttempts": retries + 1, "initialBackoff": "0.2s", "maxBackoff": "5s",
-             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    retry = {"maxAttempts": min(retries, 4) + 1,  # gRPC allows at most 5 attempts
+             "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
+             "retryableStatusCodes": ["UNAVAILABLE"]}
     return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": retry}]})
 
 
