@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -141,19 +142,20 @@ def adapt(method: str, state: dict, train: list, test: list, lr: float,
     return acc, n, seconds
 
 
-def select_lrs(log) -> dict[str, float]:
+def select_lrs(methods: list[str], log) -> tuple[dict[str, float], dict[str, dict]]:
     """Each method's lr from LR_GRID by accuracy on a validation third of seed 0's 5-9 train
-    split (trained on the other two thirds)."""
+    split (trained on the other two thirds); and every grid point's accuracy."""
     data = digits(0)
     state, _ = pretrain(data, 0)
     n_val = len(data["new_train"]) // 3
     val, train = data["new_train"][:n_val], data["new_train"][n_val:]
-    picked = {}
-    for m in METHODS:
+    picked, grid = {}, {}
+    for m in methods:
         scores = {lr: adapt(m, state, train, val, lr, 0)[0] for lr in LR_GRID[m]}
         picked[m] = max(scores, key=lambda lr: (scores[lr], -lr))
-        log(f"lr select {m:7s} {scores} -> {picked[m]}")
-    return picked
+        grid[m] = {str(lr): round(acc, 4) for lr, acc in scores.items()}
+        log(f"lr select {m:7s} {grid[m]} -> {picked[m]}")
+    return picked, grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]  # other jobs on the machine slow the wall clock
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
 
-    lrs = select_lrs(log) if a.select else dict(DEFAULT_LR)
+    lrs, grid = select_lrs(a.methods, log) if a.select else (dict(DEFAULT_LR), None)
+    t_select = time.perf_counter() - t_start
     runs = []  # {"seed", "method", "accuracy", "trainable", "seconds", "lr"}
     pre = []
     for seed in a.seeds:
@@ -184,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"seed": seed, "method": m, "accuracy": acc, "trainable": n,
                          "seconds": round(sec, 2), "lr": lrs[m]})
             log(f"seed {seed}: {m:7s} accuracy {acc:.4f}  trainable {n:,}  {sec:.1f} s")
-    write(a, runs, pre, lrs, time.perf_counter() - t_start, log)
+    times = {"lr_selection": round(t_select, 1),
+             "seeds": round(time.perf_counter() - t_start - t_select, 1),
+             "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+             "cpu_cores": os.cpu_count()}
+    args = sys.argv[1:] if argv is None else argv
+    write(a, args, runs, pre, lrs, grid, times, log)
     return 0
 
 
-def write(a, runs: list[dict], pre: list[float], lrs: dict, total: float, log) -> None:
+def write(a, args: list[str], runs: list[dict], pre: list[float], lrs: dict,
+          grid: dict | None, times: dict,
+          log) -> None:
     import sklearn
     import transformers
     from transformers import ViTConfig, ViTForImageClassification
@@ -210,10 +221,10 @@ def write(a, runs: list[dict], pre: list[float], lrs: dict, total: float, log) -
         "date": datetime.date.today().isoformat(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "scikit-learn": sklearn.__version__},
-        "command": "python " + " ".join(["benchmarks/digits_adapt.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "benchmarks/digits_adapt.py", *args]),
         "rows": rows,
         "seeds": a.seeds, "runs": runs, "pretrain_accuracy_0_4": pre, "lr": lrs,
-        "lr_selected_here": a.select, "total_seconds": round(total, 1),
+        "lr_selection": grid, "seconds": times,
         "setup": {"vit": VIT, "pretrain": {"epochs": PRETRAIN.epochs, "lr": PRETRAIN.lr,
                                            "batch_size": PRETRAIN.batch_size},
                   "adapt": {"epochs": ADAPT_EPOCHS, "batch_size": BATCH, "schedule": "cosine",
@@ -222,6 +233,7 @@ def write(a, runs: list[dict], pre: list[float], lrs: dict, total: float, log) -
                   "data": "sklearn.datasets.load_digits, per half stratified 60/40 split "
                           "(random_state = seed)"},
     }
+    total = times["lr_selection"] + times["seeds"]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -229,8 +241,12 @@ def write(a, runs: list[dict], pre: list[float], lrs: dict, total: float, log) -
         "# Digits 0-4 -> 5-9: adapting a small pretrained ViT",
         "",
         f"{doc['date']}, {doc['device']}, torch {torch.__version__}, "
-        f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}), {total / 60:.1f} min in all. "
-        f"Command: `{doc['command']}`.",
+        f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}). Command: `{doc['command']}`: "
+        f"{total / 60:.1f} min in all, of which the seeds {times['seeds'] / 60:.1f} min and "
+        f"the lr selection {times['lr_selection'] / 60:.1f} min (wall clock; 1-minute load "
+        f"average {times['load_average_start']:.1f} at the start and "
+        f"{times['load_average_end']:.1f} at the end on {times['cpu_cores']} cores; without "
+        "`--select` only the seeds part runs).",
         "",
         "Real data: scikit-learn's `digits` (8x8 handwritten digits). A ViT (4 layers, width 64, "
         "GELU MLPs) is pretrained on digits 0-4 "

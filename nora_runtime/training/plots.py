@@ -28,10 +28,12 @@ def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float, flo
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train (step)")
-        k = max(1, len(losses) // 50)
-        avg = torch.tensor(losses).unfold(0, k, 1).mean(1).tolist() if len(losses) >= k else []
-        ax.plot(steps[k - 1:], avg, color="tab:blue", lw=2, label=f"train (mean of {k})")
+        k = len(losses) // 50  # a running mean over ~2% of the run, when that is > 1 step
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3 if k > 1 else 1.0, lw=1,
+                label="train")
+        if k > 1:
+            avg = torch.tensor(losses).unfold(0, k, 1).mean(1).tolist()
+            ax.plot(steps[k - 1:], avg, color="tab:blue", lw=2, label=f"train (mean of {k})")
     if evals:
         ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:orange",
                 label="eval")
