@@ -26,10 +26,11 @@ class LoraLinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base.requires_grad_(False)
         self.scale = alpha / rank
+        A = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # on the CPU: one seed, any device
         dev = base.weight.device
-        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
+        self.A = nn.Parameter(A.to(dev))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return self.base(x) + self.scale * ((x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T)

@@ -131,9 +131,10 @@ class NoraModel(nn.Module):
         fingerprint = fingerprint_of(model, act)
         L = len(binding.site_names)
         base = base_coefficients(act, binding.fit).expand(L, nora.groups, -1)  # [L, G, 10]
+        # the A factors of NoRA and LoRA are drawn on the CPU, so `seed` fixes them on any device
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
             adapter = NoraAdapter(base, rank=nora.rank, alpha=nora.alpha, groups=G,
                                   site_names=list(binding.site_names), act=act, mode=nora.mode)
         layers = range(L) if nora.layers is None else nora.layers
@@ -146,7 +147,7 @@ class NoraModel(nn.Module):
         if lora is not None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
-                    torch.manual_seed(seed + 1)
+                    torch.default_generator.manual_seed(seed + 1)
                 wrapped = add_lora(model, list(lora.targets), lora.rank, lora.alpha)
         for name in head:
             model.get_submodule(name).requires_grad_(True)
@@ -176,26 +177,10 @@ class NoraModel(nn.Module):
 
     # ---- results ----------------------------------------------------------------------------
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """Everything training changes (for checkpoints): adapter factors, LoRA, head."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()
-                if k.startswith("adapter.") or self._is_lora(k) or self._is_head(k)}
-
-    def _is_lora(self, key: str) -> bool:
-        return key.startswith("lora.") and key.endswith((".A", ".B"))
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.state()) - set(state)
-        if missing:
-            raise ValueError(f"checkpoint lacks {sorted(missing)}")
-        self.load_state_dict(state, strict=False)
-
-    def _is_head(self, key: str) -> bool:
-        return any(key.startswith(f"model.{h}.") for h in self.head)
-
     def head_state(self) -> dict[str, torch.Tensor]:
         """Trained head weights by their name in the transformers model."""
-        return {k[len("model."):]: v for k, v in self.state().items() if self._is_head(k)}
+        return {f"{h}.{k}": v.detach() for h in self.head
+                for k, v in self.model.get_submodule(h).state_dict().items()}
 
     def save(self, path: str | Path) -> None:
         """Write the adapter file (NoRA, or NoRA++ with the LoRA part); trained head modules go
