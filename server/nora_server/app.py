@@ -191,8 +191,14 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
     announce(f"nora: listening on {config.host}:{server.port} "
              f"({'TLS' if config.tls_cert else 'plaintext'}); loading "
              f"{engine_config.model or 'the built-in demo model'} ...")
-    engine = await _load_engine(engine_config, adapter_dir, stop)
-    if engine is None:
+    try:
+        engine = await _load_engine(engine_config, adapter_dir, stop)
+    except Exception as exc:
+        log.exception("loading the model failed")
+        announce(f"nora: loading the model failed: {type(exc).__name__}: {exc}")
+        await server.stop(0)
+        raise SystemExit(1) from exc
+    if engine is None:  # stopped while loading
         await server.stop(0)
         return
     try:

@@ -122,6 +122,8 @@ def configs(argv: list[str] | None = None) -> tuple[ServerConfig, EngineConfig, 
         server = ServerConfig(**{k: args[k] for k in SERVER_FLAGS})
     except ValueError as exc:
         parser.error(str(exc))
+    if server.adapter_dir is not None and not os.path.isdir(server.adapter_dir):
+        parser.error(f"--adapter-dir {server.adapter_dir!r} is not a directory")
     return server, engine, args["log_level"]
 
 
