@@ -25,6 +25,7 @@ from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine, EngineStats
 from nora_server.auth import AuthInterceptor, server_credentials
 from nora_server.config import ServerConfig
+from nora_server.demo import demo_adapter_dir, write_demo_adapters
 from nora_server.metrics import Metrics
 from nora_server.service import NoraService
 
@@ -176,8 +177,6 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
                 announce=_say) -> None:
     """Run the server until SIGTERM or SIGINT, then drain and exit. With the demo model
     (engine_config.model None) and no adapter_dir, demo adapters are written and preloaded."""
-    from nora_server.demo import demo_adapter_dir, write_demo_adapters
-
     demo = engine_config.model is None and config.adapter_dir is None
     adapter_dir = str(demo_adapter_dir(engine_config.mode)) if demo else config.adapter_dir
     stop = asyncio.Event()
