@@ -152,6 +152,7 @@ class Engine:
         self._ids: set[str] = set()  # request ids submitted and not yet finished
         self._live: dict[str, _Request] = {}  # loop thread only
         self._stopping = False
+        self.error: str | None = None  # why the loop thread died, if it did
         self._thread: threading.Thread | None = None
         self._batch_size = self._steps = 0
 
@@ -210,7 +211,7 @@ class Engine:
                            StopChecker(params.stop), on_event, deadline, time.monotonic())
             with self._lock:
                 if self._stopping:
-                    raise RuntimeError("the engine is shutting down")
+                    raise RuntimeError(self.error or "the engine is shutting down")
                 if request_id in self._ids:
                     raise ValueError(f"request id {request_id!r} is already in flight")
                 self._ids.add(request_id)
@@ -298,7 +299,28 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """False once the loop thread has died (then `error` says why) or shut down."""
+        return self.error is None and not self._stopping
+
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug outside a step: fail everything, refuse new work
+            log.exception("engine loop died")
+            error = f"engine loop died: {type(exc).__name__}: {exc}"
+            with self._lock:
+                self.error = error
+                self._stopping = True
+                pending = self._incoming + list(self._live.values())
+                self._incoming, self._ids = [], set()
+            for req in pending:
+                seq = req.seq
+                self._deliver(req, TokenEvent(seq.request_id, (), "", None, "error", error,
+                                              len(seq.prompt_ids), len(seq.output_ids)))
+
+    def _run(self) -> None:
         if self.runner.device.type == "cuda":
             torch.cuda.set_device(self.runner.device)
         while True:

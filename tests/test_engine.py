@@ -450,3 +450,20 @@ def test_gpu_engine_batched_equals_alone(checkpoint):
         assert len({alone(e, PROMPTS[0], GREEDY, a).text for a in (None, "a", "b")}) == 3
     finally:
         e.shutdown()
+
+
+def test_a_dead_loop_fails_its_requests_and_refuses_new_ones(checkpoint, monkeypatch):
+    """A bug outside a step (here: the scheduler raising) must not leave requests hanging."""
+    e = make_engine(checkpoint)
+    try:
+        def broken():
+            raise RuntimeError("scheduler bug")
+
+        monkeypatch.setattr(e.scheduler, "schedule", broken)
+        res = alone(e, "Hello", GREEDY)
+        assert res.reason == "error" and "scheduler bug" in res.events[-1].error
+        assert not e.alive and "scheduler bug" in e.error
+        with pytest.raises(RuntimeError, match="scheduler bug"):
+            e.submit("Hello", GREEDY, on_event=print)
+    finally:
+        e.shutdown()

@@ -180,6 +180,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     def _engine(self) -> Engine:
         if self.engine is None:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.engine.error is not None:  # its loop thread died: nothing will be served
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, self.engine.error)
         return self.engine
 
     def max_input_tokens(self, engine: Engine) -> int:
