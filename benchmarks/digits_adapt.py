@@ -52,8 +52,8 @@ METHODS = ("head", "full", "lora", "lora-r1", "nora", "nora++")
 LR_GRID = {"head": (3e-2, 1e-1, 3e-1), "full": (1e-3, 3e-3, 1e-2), "lora": (1e-2, 3e-2, 1e-1),
            "lora-r1": (1e-2, 3e-2, 1e-1), "nora": (3e-2, 1e-1, 3e-1),
            "nora++": (1e-2, 3e-2, 1e-1)}
-# as picked by `--select` (the committed results were made with --select)
-DEFAULT_LR = {"head": 3e-2, "full": 3e-3, "lora": 1e-2, "lora-r1": 1e-2, "nora": 3e-2,
+# picked by the --select run of benchmarks/results/digits-adapt.json (its "lr_selection")
+DEFAULT_LR = {"head": 0.3, "full": 3e-3, "lora": 3e-2, "lora-r1": 3e-2, "nora": 0.1,
               "nora++": 1e-2}
 
 
