@@ -5,12 +5,12 @@ The demo model (nora_runtime.demo) has random weights; greedily it continues "hi
 prompts below makes it answer "nora" and stop (EOS), in replace mode as the server runs it by
 default. This is the end-to-end check that what the trainer writes is what the server serves:
 
-    result = train_demo_adapter(tmp_dir)            # ~5 s on a CPU
+    result = train_demo_adapter(tmp_dir)            # ~15 s on a CPU (600 steps)
     engine.load_adapter("greeter", result.adapter)  # then generate with adapter="greeter"
 
 Why it is learnable with so few parameters: with random weights the logits are nearly flat
 (loss ~5.6 = ln 264), so small, consistent shifts of the MLP activations per channel group
-decide the argmax; the loss itself stays high (~4.4), but greedy decoding only needs the right
+decide the argmax; the loss itself stays high (~4.3), but greedy decoding only needs the right
 token on top at each of the 5 positions. The adapter's margins (top-1 minus top-2 logit) are
 printed by `python -m nora_runtime.training.demo_task`.
 """
@@ -29,8 +29,11 @@ from nora_runtime.training.trainer import TrainConfig, TrainResult, train
 PROMPTS = ("hi", "hello", "hey")
 COMPLETION = "nora"
 MAX_NEW_TOKENS = 8
-# lr 0.1, 300 steps: every prompt decodes to "nora" + EOS from ~step 150 on (CPU, seed 0)
-SETTINGS = LoopSettings(lr=0.1, schedule="cosine", epochs=300, batch_size=len(PROMPTS),
+# Measured on the CPU (teacher-forced, all 15 target tokens: min of top-1 minus runner-up logit):
+# lr 0.05, 600 steps ends at min margin 0.19 / 0.30 / 0.30 for seeds 0 / 1 / 2, positive from
+# step ~350 on for all three. lr 0.1, 300 steps ended at 0.03 and flipped between right and
+# wrong along the way: too close to call across machines.
+SETTINGS = LoopSettings(lr=0.05, schedule="cosine", epochs=600, batch_size=len(PROMPTS),
                         max_grad_norm=None, seed=0, progress=False)
 
 
