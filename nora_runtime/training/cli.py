@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=L.batch_size)
     g.add_argument("--grad-accum", type=int, default=L.grad_accum)
-    g.add_argument("--max-grad-norm", type=float, default=L.max_grad_norm)
+    g.add_argument("--max-grad-norm", type=float, default=L.max_grad_norm,
+                   help="clip gradients to this norm (0: no clipping)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="no bfloat16 autocast on GPU")
     g.add_argument("--seed", type=int, default=L.seed)
@@ -98,7 +99,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         loop=LoopSettings(lr=a.lr, weight_decay=a.weight_decay, optimizer=a.optimizer,
                           schedule=a.schedule, warmup_steps=a.warmup_steps, epochs=a.epochs,
                           max_steps=a.max_steps, batch_size=a.batch_size,
-                          grad_accum=a.grad_accum, max_grad_norm=a.max_grad_norm,
+                          grad_accum=a.grad_accum, max_grad_norm=a.max_grad_norm or None,
                           eval_every=a.eval_every, patience=a.patience,
                           min_delta=a.min_delta, save_every=a.save_every, bf16=a.bf16,
                           seed=a.seed, progress=a.progress))
