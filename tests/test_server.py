@@ -525,3 +525,42 @@ def test_grafana_dashboard_queries_served_metrics(served):
         nora.model_info()  # labelled RPC counters have samples once an RPC ran
     served_names = {name for name, _ in served.metrics()}
     assert queried and queried <= served_names, queried - served_names
+
+
+def test_trained_adapter_loaded_over_grpc_does_the_task_in_a_batch_with_the_base(
+        served, demo_greeter):
+    """The trainer's output, loaded through LoadAdapter into the running server: with it the
+    demo model answers greetings with "nora"; base requests in the same batches do not."""
+    from nora_runtime.training import demo_task
+
+    async def main():
+        async with AsyncNoraClient(served.target, timeout=120) as nora:
+            info = await nora.load_adapter("greeter", data=demo_greeter.adapter.read_bytes())
+            assert info.adapter_id == "greeter"
+            # a long base stream keeps running while the greetings are served: they share its
+            # decode steps (continuous batching), so every step mixes base and adapter rows
+            long = nora.generate_stream("Hello, nora", max_new_tokens=400, ignore_eos=True,
+                                        temperature=0)
+            first = await anext(long)
+            assert first.finish_reason == nora_pb2.FINISH_REASON_UNSPECIFIED
+            short = dict(temperature=0, max_new_tokens=demo_task.MAX_NEW_TOKENS)
+            calls = [nora.generate(p, adapter_id=a, **short)
+                     for p in demo_task.PROMPTS for a in ("greeter", None)]
+            results = await asyncio.gather(*calls)
+            still_running = (await anext(long)).finish_reason == \
+                nora_pb2.FINISH_REASON_UNSPECIFIED
+            await long.aclose()
+            return results, still_running
+
+    results, still_running = served.call(main(), timeout=300)
+    assert still_running  # the greetings finished while the long base request was decoding
+    for (prompt, adapter), r in zip([(p, a) for p in demo_task.PROMPTS
+                                     for a in ("greeter", None)], results, strict=True):
+        if adapter:
+            assert (r.text, r.finish_reason) == (demo_task.COMPLETION,
+                                                 nora_pb2.FINISH_REASON_EOS), prompt
+        else:
+            assert demo_task.COMPLETION not in r.text, prompt
+            assert r.finish_reason == nora_pb2.FINISH_REASON_LENGTH, prompt
+    served.client().unload_adapter("greeter")
+    served.wait_idle()

@@ -392,8 +392,8 @@ def test_classification_trains_head_and_nora(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_task.train_demo_adapter(tmp_path_factory.mktemp("demo"))
+def demo(demo_greeter):
+    return demo_greeter
 
 
 def test_demo_task_nora_learns_what_the_base_cannot(demo, tok):
