@@ -259,7 +259,8 @@ def base_fingerprint(model_or_config: PreTrainedModel | PretrainedConfig | dict[
 
     Hashes canonical JSON (sorted keys, no spaces) of `act` and the transformers config dict
     without VOLATILE_CONFIG_KEYS. Given a model, it also hashes the first N_WEIGHT_VALUES values
-    of the input embedding weight, rounded to bfloat16 and stored as little-endian float32, so
+    of the input embedding's (first) weight, rounded to bfloat16 and stored as little-endian
+    float32 (a token embedding matrix; for ViT, the patch projection), so
     that checkpoints with one config but different weights differ while one checkpoint loaded
     in float32 or bfloat16 does not (float16 loads round differently and are not covered).
     Weights elsewhere are not hashed: a fine-tune with a frozen embedding shares the base's
@@ -274,9 +275,9 @@ def base_fingerprint(model_or_config: PreTrainedModel | PretrainedConfig | dict[
     h = hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"),
                                   default=str).encode())
     if is_model:
-        w = model_or_config.get_input_embeddings().weight.detach().reshape(-1)[:N_WEIGHT_VALUES]
-        w = w.to(device="cpu", dtype=torch.bfloat16).float()
-        h.update(w.numpy().astype("<f4").tobytes())
+        w = next(model_or_config.get_input_embeddings().parameters())
+        w = w.detach().reshape(-1)[:N_WEIGHT_VALUES].to(device="cpu", dtype=torch.bfloat16)
+        h.update(w.float().numpy().astype("<f4").tobytes())
     return h.hexdigest()
 
 

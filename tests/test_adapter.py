@@ -183,6 +183,22 @@ def test_fingerprint_identifies_config_and_weights(tmp_path):
     assert base_fingerprint(m.to(torch.bfloat16), "silu") == fp
 
 
+def test_fingerprint_of_a_vision_model_hashes_its_patch_projection():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, image_size=8, patch_size=4, num_channels=1)
+
+    def vit(seed: int) -> ViTModel:
+        torch.manual_seed(seed)
+        return ViTModel(cfg)
+
+    a = base_fingerprint(vit(0), "gelu")
+    assert base_fingerprint(vit(0), "gelu") == a
+    assert base_fingerprint(vit(1), "gelu") != a  # other patch projection weights
+    assert base_fingerprint(cfg, "gelu") != a
+
+
 # ---- file round trip -------------------------------------------------------------------------
 
 

@@ -212,11 +212,10 @@ class NoraModel(nn.Module):
 
 
 def fingerprint_of(model: nn.Module, act: str) -> str:
-    """base_fingerprint of the model (config and token embedding, which conversion does not
-    touch), or of its config alone when it has no token embedding matrix (ViT's patches)."""
-    get = getattr(model, "get_input_embeddings", None)
-    weight = getattr(get(), "weight", None) if get is not None else None
-    return base_fingerprint(model if isinstance(weight, torch.Tensor) else model.config, act)
+    """base_fingerprint of the model (config and input embedding, which conversion does not
+    touch), or of its config alone for a model without `get_input_embeddings`."""
+    has_embeddings = hasattr(model, "get_input_embeddings")
+    return base_fingerprint(model if has_embeddings else model.config, act)
 
 
 def head_path(adapter_path: str | Path) -> Path:
