@@ -130,3 +130,26 @@ def test_sigterm_drains_a_stream_in_flight(serve):
         assert sum(len(p.token_ids) for p in parts) == 100
     assert serve.proc.wait(60) == 0
     serve.wait_for("nora: stopped")
+
+
+def test_flags_and_environment_never_switch_security_off_by_word(monkeypatch, capsys):
+    """Numbers may be turned off ("off", "none", ""); tokens and TLS files may not: an empty
+    secret in a deployment must stop the server, not serve without auth."""
+    from nora_server.cli import configs
+
+    server, engine, _ = configs(["--metrics-port", "off", "--max-input-tokens", "none",
+                                 "--auth-token", "s3cret"])
+    assert server.metrics_port is None and server.max_input_tokens is None
+    assert server.auth_token == "s3cret" and engine.model is None
+    for argv, env in ((["--auth-token", ""], {}), ([], {"NORA_ADMIN_TOKEN": ""}),
+                      (["--tls-cert", "", "--tls-key", ""], {}), ([], {"NORA_MODEL": ""})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as exc:
+            configs(argv)
+        assert exc.value.code == 2, (argv, env)
+        assert "must not be empty" in capsys.readouterr().err
+        for k in env:
+            monkeypatch.delenv(k)
+    server, _, _ = configs(["--auth-token", "off"])
+    assert server.auth_token == "off"  # a (weak) token, never "no auth"

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from nora_client import AsyncNoraClient, NoraClient
 from nora_proto.v1 import nora_pb2
-from nora_runtime.adapter import adapter_to_bytes, save_adapter
+from nora_runtime.adapter import LoraWeights, adapter_to_bytes, save_adapter
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
 from nora_server.app import SERVICE_NAME, NoraServer
@@ -261,13 +262,22 @@ def test_server_limits(engine):
 
 def test_not_found_and_failed_precondition(served, engine):
     with served.client() as nora:
-        assert code_of(nora.generate, PROMPT, adapter_id="nope")[0] == Code.NOT_FOUND
+        for i in range(3):  # unknown ids claim no metric label (labels are a bounded set)
+            assert code_of(nora.generate, PROMPT, adapter_id=f"nope{i}")[0] == Code.NOT_FOUND
+        assert not {f"nope{i}" for i in range(3)} & served.server.metrics.adapter_label._named
         assert code_of(nora.unload_adapter, "nope")[0] == Code.NOT_FOUND
         other_model = adapter_bytes(engine, 1, fingerprint="ab" * 32)
         other_mode = adapter_bytes(engine, 1, mode="residual")
-        for data in (other_model, other_mode):
+        hidden = engine.runner.hf_config.hidden_size  # NoRA++: LoRA on layer 0's q_proj
+        lora = LoraWeights(rank=2, alpha=4.0, factors={"model.layers.0.self_attn.q_proj": (
+            torch.randn(2, hidden), torch.zeros(hidden, 2))})
+        nora_pp = adapter_to_bytes(demo_adapter(engine.info, 1),
+                                   base_fingerprint=engine.info.fingerprint, lora=lora)
+        for data in (other_model, other_mode, nora_pp):
             code, message = code_of(nora.load_adapter, "m", data=data)
             assert code == Code.FAILED_PRECONDITION, message
+            if data is nora_pp:
+                assert "LoRA" in message
             code, message = code_of(nora.generate, PROMPT, adapter_bytes=data)
             assert code == Code.FAILED_PRECONDITION, message
         assert "m" not in {a.adapter_id for a in nora.list_adapters().adapters}
@@ -552,7 +562,11 @@ def test_trained_adapter_loaded_over_grpc_does_the_task_in_a_batch_with_the_base
             await long.aclose()
             return results, still_running
 
-    results, still_running = served.call(main(), timeout=300)
+    try:
+        results, still_running = served.call(main(), timeout=300)
+    finally:
+        with served.client() as nora:
+            nora.unload_adapter("greeter")
     assert still_running  # the greetings finished while the long base request was decoding
     for (prompt, adapter), r in zip([(p, a) for p in demo_task.PROMPTS
                                      for a in ("greeter", None)], results, strict=True):
@@ -562,5 +576,4 @@ def test_trained_adapter_loaded_over_grpc_does_the_task_in_a_batch_with_the_base
         else:
             assert demo_task.COMPLETION not in r.text, prompt
             assert r.finish_reason == nora_pb2.FINISH_REASON_LENGTH, prompt
-    served.client().unload_adapter("greeter")
     served.wait_idle()

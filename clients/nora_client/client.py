@@ -80,8 +80,9 @@ def _read(pem: str | bytes | Path | None) -> bytes | None:
 
 
 def _service_config(retries: int) -> str:
-    """gRPC retry policy: UNAVAILABLE only (the server did not take the call, so a retry cannot
-    run a request twice)."""
+    """gRPC retry policy: UNAVAILABLE only (model loading, draining, connection down). gRPC
+    retries a call only before any response arrived; a generation cut off by a dropped
+    connection may have started on the server, which then cancels it as the client left."""
     retry = {"maxAttempts": min(retries, 4) + 1,  # gRPC allows at most 5 attempts
              "initialBackoff": "0.2s", "maxBackoff": "5s", "backoffMultiplier": 2,
              "retryableStatusCodes": ["UNAVAILABLE"]}

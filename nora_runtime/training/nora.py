@@ -128,7 +128,7 @@ class NoraModel(nn.Module):
         if set(binding.kinds) != {act}:
             raise ValueError(f"activation sites of different kinds {set(binding.kinds)}: an "
                              "adapter file has one")
-        fingerprint = fingerprint_of(model, act)
+        fingerprint = base_fingerprint(model, act)
         L = len(binding.site_names)
         base = base_coefficients(act, binding.fit).expand(L, nora.groups, -1)  # [L, G, 10]
         # the A factors of NoRA and LoRA are drawn on the CPU, so `seed` fixes them on any device
@@ -209,13 +209,6 @@ class NoraModel(nn.Module):
                 yield
         finally:
             self.binding.table = self._train_table
-
-
-def fingerprint_of(model: nn.Module, act: str) -> str:
-    """base_fingerprint of the model (config and input embedding, which conversion does not
-    touch), or of its config alone for a model without `get_input_embeddings`."""
-    has_embeddings = hasattr(model, "get_input_embeddings")
-    return base_fingerprint(model if has_embeddings else model.config, act)
 
 
 def head_path(adapter_path: str | Path) -> Path:

@@ -173,6 +173,15 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Whether `event` is set within `timeout` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def serve(config: ServerConfig, engine_config: EngineConfig, *,
                 announce=_say) -> None:
     """Run the server until SIGTERM or SIGINT, then drain and exit. With the demo model
@@ -219,7 +228,11 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
         flags += " --tls-ca CERT.pem" if config.tls_cert else ""
         flags += " --token TOKEN" if config.auth_token else ""
         announce(f'nora: try   nora{flags} generate{example} "Hello"')
-        await stop.wait()
+        while not await _wait(stop, 1.0):
+            if not engine.alive:  # its loop thread died (logged): exit so it gets restarted
+                announce("nora: the engine stopped; exiting")
+                await server.stop(0)
+                raise SystemExit(1)
         announce(f"nora: draining (up to {config.grace_seconds:g} s) ...")
         await server.stop()
     finally:

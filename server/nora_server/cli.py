@@ -62,7 +62,9 @@ def _parser_for(annotation: str):
     optional = "None" in annotation
 
     def convert(text: str):
-        if optional and text.lower() in OFF:
+        # Only numbers can be switched off by word: a token or TLS file given as "" or "off"
+        # (say, an unset secret in a deployment) must fail in ServerConfig, not mean "no auth".
+        if optional and kind is not str and text.lower() in OFF:
             return None
         return kind(text)
 

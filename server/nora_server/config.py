@@ -51,6 +51,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
-        for name in ("auth_token", "admin_token"):
+        for name in ("auth_token", "admin_token", "tls_cert", "tls_key", "tls_client_ca",
+                     "adapter_dir"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty (leave it unset for none)")

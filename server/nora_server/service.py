@@ -77,7 +77,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in table:
         if isinstance(exc, kind):
             return code, f"adapter: {exc}" if isinstance(exc, AdapterError) else str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, "internal error (the server log has the details)"
 
 
 def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -132,16 +132,17 @@ def rpc(method):
 class _Tracker:
     """Records one generation request's latencies and token counts as its events arrive."""
 
-    def __init__(self, metrics: Metrics, adapter_label: str) -> None:
-        self.m, self.label = metrics, adapter_label
+    def __init__(self, metrics: Metrics, adapter_id: str) -> None:
+        self.m, self.adapter_id, self.label = metrics, adapter_id, ""
         self.start = time.perf_counter()
         self.last: float | None = None  # time of the latest token
         self.started = self.finished = False
 
     def event(self, ev: TokenEvent) -> None:
         m, now = self.m, time.perf_counter()
-        if not self.started:  # the engine accepted the request
-            self.started = True
+        if not self.started:  # the engine accepted the request (so the adapter id exists and
+            self.started = True  # may claim a metric label: unknown ids never get one)
+            self.label = m.adapter_label(self.adapter_id)
             m.prompt_tokens.inc(ev.num_prompt_tokens)
             m.adapter_requests.labels(self.label).inc()
         if ev.queue_seconds is not None:
@@ -180,8 +181,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     def _engine(self) -> Engine:
         if self.engine is None:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        if self.engine.error is not None:  # its loop thread died: nothing will be served
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, self.engine.error)
+        if not self.engine.alive:  # its loop thread died (logged): nothing will be served
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the engine has stopped")
         return self.engine
 
     def max_input_tokens(self, engine: Engine) -> int:
@@ -218,25 +219,24 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             raise ValueError(f"time_limit_seconds must be finite and >= 0, got {time_limit}")
         if len(request.request_id) > MAX_ID_LEN or not request.request_id.isprintable():
             raise ValueError(f"request_id must be printable, at most {MAX_ID_LEN} characters")
-        ids = await self._prompt_ids(request, engine)
-        self._check_lengths(engine, len(ids), params.max_new_tokens)
-        if self.in_flight >= self.config.max_concurrent_requests:
+        if self.in_flight >= self.config.max_concurrent_requests:  # before any costly work
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server busy: {self.in_flight} requests in flight, the limit is "
                            f"{self.config.max_concurrent_requests}; retry later")
         self.in_flight += 1
         try:
-            adapter: str | bytes | None = None
+            ids = await self._prompt_ids(request, engine)
+            self._check_lengths(engine, len(ids), params.max_new_tokens)
+            adapter: str | None = None
             adapter_id = ""
             if request.WhichOneof("adapter") == "adapter_bytes":
-                # Validate and load off the event loop; the engine's own load_inline then only
-                # finds it by content id.
-                adapter = request.adapter_bytes
-                adapter_id = await asyncio.to_thread(engine.registry.load_inline, adapter)
+                # validate and load off the event loop, then submit by content id
+                adapter = adapter_id = await asyncio.to_thread(engine.registry.load_inline,
+                                                               request.adapter_bytes)
             elif request.WhichOneof("adapter") == "adapter_id":
                 adapter = adapter_id = request.adapter_id
             deadline = time.monotonic() + time_limit if time_limit > 0 else None
-            tracker = _Tracker(self.metrics, self.metrics.adapter_label(adapter_id))
+            tracker = _Tracker(self.metrics, adapter_id)
             events = engine.generate_async(ids, params, adapter=adapter, deadline=deadline,
                                            request_id=request.request_id or None)
             first = True
