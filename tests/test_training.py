@@ -451,3 +451,18 @@ def test_digits_benchmark_quick(tmp_path):
     assert rows["nora/trainable_parameters"] == 312 + 325
     assert rows["head/accuracy_mean"] > 0.5 and rows["nora/accuracy_mean"] > 0.5  # chance 0.2
     assert "| nora |" in out.with_suffix(".md").read_text()
+
+
+def test_same_seed_same_adapter_other_seed_another(tmp_path):
+    """A run is reproducible from its seed: the adapter file's tensors are identical."""
+    import dataclasses
+
+    def run(seed: int, name: str) -> dict[str, torch.Tensor]:
+        loop = dataclasses.replace(demo_task.SETTINGS, epochs=15, seed=seed)
+        result = demo_task.train_demo_adapter(tmp_path / name, loop=loop)
+        return load_adapter(result.adapter).tensors
+
+    a, again, other = run(0, "a"), run(0, "again"), run(1, "other")
+    assert a.keys() == again.keys() == other.keys()
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not torch.equal(a["num_A"], other["num_A"])  # another seed: another init
