@@ -50,6 +50,7 @@ from nora_runtime.rational import base_coefficients
 from nora_runtime.sampling import SamplingParams, sample
 
 CTX = 512
+THROUGHPUT = (256, 128, 128)  # requests, prompt tokens, new tokens
 
 
 def model_config(small: bool) -> LlamaConfig:
@@ -251,8 +252,6 @@ def bench_hf(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
         res["hf_generate_tok_s"] = n_req * n_new / wall
         print(f"hf generate {res['hf_generate_tok_s']:.0f} tok/s", flush=True)
 
-
-THROUGHPUT = (256, 128, 128)  # requests, prompt tokens, new tokens
 
 
 def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:

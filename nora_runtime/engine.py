@@ -491,5 +491,4 @@ def _eos_ids(checkpoint: Path, hf_config, tokenizer) -> tuple[int, ...]:
     return tuple(sorted({i for i in flat if i is not None}))
 
 
-__all__ = ["Engine", "EngineStats", "FINISH_REASONS", "ModelInfo", "TokenEvent",
-           "AdapterNotFound"]
+__all__ = ["Engine", "EngineStats", "FINISH_REASONS", "ModelInfo", "TokenEvent"]
