@@ -43,7 +43,7 @@ from transformers import LlamaConfig
 
 from nora_runtime.adapter import NoraAdapter, adapter_to_bytes
 from nora_runtime.config import EngineConfig
-from nora_runtime.demo import byte_tokenizer
+from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.engine import Engine
 from nora_runtime.model_runner import ModelRunner
 from nora_runtime.rational import base_coefficients
@@ -132,7 +132,7 @@ def random_adapter(fingerprint: str, layers: int, seed: int) -> bytes:
     torch.manual_seed(seed)
     m = NoraAdapter(base_coefficients("silu"), rank=3, alpha=6.0, groups=8,
                     site_names=[f"model.layers.{i}.mlp.act_fn" for i in range(layers)],
-                    act="silu", mode="replace")
+                    act="silu", mode=EngineConfig.mode)  # the served default (residual)
     with torch.no_grad():
         m.num_B.normal_(0.0, 0.05)
         m.den_B.normal_(0.0, 0.05)

@@ -229,36 +229,29 @@ def _base_tensor(base: torch.Tensor, n_sites: int) -> torch.Tensor:
 
 # ---- base-model fingerprint ----------------------------------------------------------------
 
-# Keys of config.to_dict() that do not identify the base model, dropped (at every nesting
-# level) before hashing:
-# - any key starting with "_": `_name_or_path` is where it was loaded from; `_commit_hash`,
-#   `_attn_implementation*` are transformers' runtime bookkeeping;
-# - "transformers_version": the library version that wrote the config;
-# - "dtype" / "torch_dtype": the precision the weights were stored or loaded in;
-# - "architectures": set by save_pretrained, None on a freshly built model, so one set of
-#   weights would get two fingerprints (model_type and the weights still identify the model);
-# - "use_cache", "output_attentions", "output_hidden_states", "return_dict": runtime switches.
-VOLATILE_CONFIG_KEYS = frozenset({
-    "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict",
-})
+# Keys of config.to_dict() that define the model's shape and numerics: only these are hashed.
+# The whole dict is not: its other keys change between transformers versions (new defaults,
+# renamed fields such as rope_theta -> rope_parameters, bookkeeping like _name_or_path), and
+# an adapter must keep loading when the same checkpoint is read by another version. The
+# embedding weights (below) tell apart checkpoints that share a shape.
+FINGERPRINT_CONFIG_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps",
+    "layer_norm_eps", "image_size", "patch_size", "num_channels",
+)
 N_WEIGHT_VALUES = 256  # embedding values hashed: enough to tell checkpoints apart
 
 
-def _stable_config(d: dict[Any, Any]) -> dict[Any, Any]:
-    def volatile(k: Any) -> bool:  # keys may be ints (id2label)
-        return isinstance(k, str) and (k.startswith("_") or k in VOLATILE_CONFIG_KEYS)
-
-    return {k: _stable_config(v) if isinstance(v, dict) else v for k, v in d.items()
-            if not volatile(k)}
+def _stable_config(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: d[k] for k in FINGERPRINT_CONFIG_KEYS if d.get(k) is not None}
 
 
 def base_fingerprint(model_or_config: PreTrainedModel | PretrainedConfig | dict[str, Any],
                      act: str) -> str:
     """Hex sha256 identifying the base model an adapter belongs to (and its activation kind).
 
-    Hashes canonical JSON (sorted keys, no spaces) of `act` and the transformers config dict
-    without VOLATILE_CONFIG_KEYS. Given a model, it also hashes the first N_WEIGHT_VALUES values
+    Hashes canonical JSON (sorted keys, no spaces) of `act` and the FINGERPRINT_CONFIG_KEYS of
+    the transformers config. Given a model, it also hashes the first N_WEIGHT_VALUES values
     of the input embedding's (first) weight, rounded to bfloat16 and stored as little-endian
     float32 (a token embedding matrix; for ViT, the patch projection), so
     that checkpoints with one config but different weights differ while one checkpoint loaded

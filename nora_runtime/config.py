@@ -10,10 +10,14 @@ from nora_runtime.rational import MODES
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # local checkpoint directory or hub id; None = built-in demo model
+    model: str | None = None  # checkpoint directory, hub id or .gguf file; None = the default
+    #                            model, SmolLM2-135M-Instruct (nora_runtime.checkpoint)
     device: str = "auto"  # "auto" (cuda if available), "cuda", "cuda:1", "cpu"
     dtype: str = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float32"
-    mode: str = "replace"  # activation mode of the served model (DESIGN.md s1)
+    # activation mode (DESIGN.md s1): "residual" keeps a checkpoint trained with its own
+    # activation exact (adapters add a bounded change); "replace" is for models trained with
+    # rational activations
+    mode: str = "residual"
     groups: int = 8  # rational groups G of the coefficient table
     max_adapters: int = 1024  # adapter slots resident at once (table rows besides the base)
     max_num_seqs: int = 256  # cap on running sequences
@@ -21,7 +25,9 @@ class EngineConfig:
     max_model_len: int = 4096  # prompt + generated tokens of one sequence
     block_size: int = 16  # tokens per KV cache block
     kv_memory_fraction: float = 0.85  # GPU: fraction of free memory given to the KV cache
-    kv_cache_tokens_cpu: int = 65536  # CPU: KV cache size in tokens
+    # CPU: KV cache size in tokens; None: sized from the model and available memory
+    # (model_runner.cpu_kv_tokens)
+    kv_cache_tokens_cpu: int | None = None
     tenant_share: float = 0.5  # while others wait, one adapter holds at most this share of seats
     cuda_graphs: bool = True  # capture decode steps on GPU at bucketed batch sizes
     seed: int = 0  # for requests without a seed of their own
@@ -32,14 +38,14 @@ class EngineConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.model == "":
-            raise ValueError("model must not be empty (None: the built-in demo model)")
+            raise ValueError("model must not be empty (None: the default model)")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32: {self.dtype!r}")
         for name in ("groups", "max_adapters", "max_num_seqs", "max_num_batched_tokens",
                      "max_model_len", "block_size", "kv_cache_tokens_cpu"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")

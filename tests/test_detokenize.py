@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from nora_runtime.demo import byte_tokenizer
+from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
 
 CORPUS = [

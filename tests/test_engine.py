@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from nora_runtime.adapter import AdapterFormatError, NoraAdapter, adapter_to_bytes
 from nora_runtime.config import EngineConfig
 from nora_runtime.convert import convert_model
-from nora_runtime.demo import byte_tokenizer
+from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.engine import Engine, TokenEvent
 from nora_runtime.rational import base_coefficients
 from nora_runtime.registry import AdapterNotFound, RegistryFull
@@ -132,7 +132,7 @@ def test_greedy_matches_transformers(checkpoint, served):
     """The engine's greedy tokens and logprobs are those of transformers' model with the same
     activation conversion (no adapter)."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    convert_model(model, mode="replace")
+    convert_model(model, mode=served.config.mode)
     params = SamplingParams(temperature=0, max_new_tokens=12, logprobs=True, ignore_eos=True)
     for prompt in PROMPTS[:3]:
         got = alone(served, prompt, params)

@@ -17,7 +17,7 @@ from transformers import (
 
 from nora_runtime.config import EngineConfig
 from nora_runtime.convert import convert_model
-from nora_runtime.demo import byte_tokenizer
+from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.model_runner import ModelRunner
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -27,7 +27,7 @@ from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
 from nora_server.app import SERVICE_NAME, NoraServer
 from nora_server.config import ServerConfig
-from nora_server.demo import demo_adapter
+from nora_runtime.tiny import random_adapter, tiny_checkpoint
 
 PROMPT = "Hello, nora"
 SHORT = dict(max_new_tokens=12, ignore_eos=True)
@@ -83,11 +83,12 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(store):
-    engine = Engine(EngineConfig(device="cpu", max_adapters=8, max_num_seqs=32),
+    engine = Engine(EngineConfig(model=str(tiny_checkpoint()), device="cpu", mode="replace",
+                                 max_adapters=8, max_num_seqs=32),
                     adapter_store=store)
     engine.start()
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        save_adapter(demo_adapter(engine.info, seed), store / f"{name}.safetensors",
+        save_adapter(random_adapter(engine.info, seed), store / f"{name}.safetensors",
                      base_fingerprint=engine.info.fingerprint)
         engine.load_adapter(name, f"{name}.safetensors")
     yield engine
@@ -103,7 +104,7 @@ def served(engine):
 
 def adapter_bytes(engine: Engine, seed: int, **info_changes) -> bytes:
     info = dataclasses.replace(engine.info, **info_changes)
-    return adapter_to_bytes(demo_adapter(info, seed), base_fingerprint=info.fingerprint)
+    return adapter_to_bytes(random_adapter(info, seed), base_fingerprint=info.fingerprint)
 
 
 def stream(nora: NoraClient, prompt=PROMPT, **kw) -> tuple[str, list[int], list]:
@@ -271,7 +272,7 @@ def test_not_found_and_failed_precondition(served, engine):
         hidden = engine.runner.hf_config.hidden_size  # NoRA++: LoRA on layer 0's q_proj
         lora = LoraWeights(rank=2, alpha=4.0, factors={"model.layers.0.self_attn.q_proj": (
             torch.randn(2, hidden), torch.zeros(hidden, 2))})
-        nora_pp = adapter_to_bytes(demo_adapter(engine.info, 1),
+        nora_pp = adapter_to_bytes(random_adapter(engine.info, 1),
                                    base_fingerprint=engine.info.fingerprint, lora=lora)
         for data in (other_model, other_mode, nora_pp):
             code, message = code_of(nora.load_adapter, "m", data=data)

@@ -30,7 +30,7 @@ from nora_runtime.adapter import (
     base_fingerprint,
     load_adapter,
 )
-from nora_runtime.demo import demo_checkpoint
+from nora_runtime.tiny import tiny_checkpoint
 from nora_runtime.rational import base_coefficients
 from nora_runtime.registry import AdapterRegistry, UnsupportedAdapter
 from nora_runtime.table import CoefficientTable
@@ -49,7 +49,7 @@ FP = "ab" * 32
 
 @pytest.fixture(scope="module")
 def ckpt() -> Path:
-    return demo_checkpoint()
+    return tiny_checkpoint()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_prompt_completion_loss_only_on_completion_and_eos(tok):
 
 
 def test_chat_messages_loss_only_on_assistant_turns(tok):
-    tok = AutoTokenizer.from_pretrained(demo_checkpoint())
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint())
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
             {"role": "user", "content": "ok"}, {"role": "assistant", "content": "bye"}]
     with pytest.raises(ValueError, match="chat template"):
@@ -411,7 +411,8 @@ def test_demo_adapter_served_by_the_engine_in_one_batch_with_the_base(demo, ckpt
     from nora_runtime.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0, max_new_tokens=demo_task.MAX_NEW_TOKENS)
-    engine = Engine(EngineConfig(device="cpu", max_adapters=4, kv_cache_tokens_cpu=2048))
+    engine = Engine(EngineConfig(model=str(ckpt), device="cpu", mode="replace", max_adapters=4,
+                                 kv_cache_tokens_cpu=2048))
     try:
         engine.load_adapter("greeter", demo.adapter.read_bytes())
         events: queue.SimpleQueue = queue.SimpleQueue()

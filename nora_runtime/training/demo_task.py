@@ -1,9 +1,10 @@
-"""A small task for the demo model that NoRA alone learns: answer every greeting with "nora".
+"""A small task for the tiny test model that NoRA alone learns: answer every greeting with "nora".
 
-The demo model (nora_runtime.demo) has random weights; greedily it continues "hi" with
+The tiny model (nora_runtime.tiny) has random weights; greedily it continues "hi" with
 "iiiiiiii". A NoRA adapter (312 parameters: 4 sites x 8 groups, rank 3) trained on the three
-prompts below makes it answer "nora" and stop (EOS), in replace mode as the server runs it by
-default. This is the end-to-end check that what the trainer writes is what the server serves:
+prompts below makes it answer "nora" and stop (EOS), in replace mode (a random model has no
+activation of its own to keep exact). This is the end-to-end check that what the trainer writes
+is what the server serves:
 
     result = train_demo_adapter(tmp_dir)            # ~15 s on a CPU (600 steps)
     engine.load_adapter("greeter", result.adapter)  # then generate with adapter="greeter"
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nora_runtime.tiny import tiny_checkpoint
 from nora_runtime.training.loop import LoopSettings
 from nora_runtime.training.nora import NoraModel
 from nora_runtime.training.trainer import TrainConfig, TrainResult, train
@@ -51,7 +53,8 @@ def train_demo_adapter(out_dir: str | Path, loop: LoopSettings = SETTINGS,
     out.mkdir(parents=True, exist_ok=True)
     data = out / "demo_task.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records()))
-    cfg = TrainConfig(data=str(data), out=str(out), eval_fraction=0.0, plot=False,
+    cfg = TrainConfig(data=str(data), out=str(out), model=str(tiny_checkpoint()),
+                      eval_fraction=0.0, plot=False,
                       nora=NoraSettings(mode=mode), loop=loop)
     return train(cfg)
 
@@ -83,9 +86,7 @@ if __name__ == "__main__":
 
     from transformers import AutoTokenizer
 
-    from nora_runtime.demo import demo_checkpoint
-
-    tok = AutoTokenizer.from_pretrained(demo_checkpoint())
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint())
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         r = train_demo_adapter(d)

@@ -70,7 +70,7 @@ class NoraSettings:
     rank: int = 3
     alpha: float = 6.0
     layers: tuple[int, ...] | None = None
-    mode: str = "replace"
+    mode: str = "residual"  # the server's default: the base model stays exact
 
     def __post_init__(self) -> None:
         for name in ("groups", "group_extend", "rank"):

@@ -40,7 +40,7 @@ class TrainConfig:
 
     data: str
     out: str = "nora-out"
-    model: str | None = None  # checkpoint directory or hub id; None = the demo model
+    model: str | None = None  # checkpoint directory, hub id or .gguf; None = the default model
     task: str = "auto"
     eval_data: str | None = None
     eval_fraction: float = 0.1
@@ -81,9 +81,9 @@ def load_base(cfg: TrainConfig, task: str, num_labels: int | None = None):
         AutoTokenizer,
     )
 
-    from nora_runtime.demo import demo_checkpoint
+    from nora_runtime.checkpoint import resolve_checkpoint
 
-    path = str(demo_checkpoint()) if cfg.model is None else cfg.model
+    path = str(resolve_checkpoint(cfg.model))
     tok = AutoTokenizer.from_pretrained(path)
     dtype = getattr(torch, cfg.dtype)
     if task == "classification":

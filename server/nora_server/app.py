@@ -21,16 +21,19 @@ from pathlib import Path
 import grpc
 
 from nora_proto.v1 import nora_pb2, nora_pb2_grpc
+from nora_runtime.checkpoint import MissingModelPackages
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine, EngineStats
 from nora_server.auth import AuthInterceptor, server_credentials
 from nora_server.config import ServerConfig
-from nora_server.demo import demo_adapter_dir, write_demo_adapters
 from nora_server.metrics import Metrics
 from nora_server.service import NoraService
 
 log = logging.getLogger("nora_server")
 
+# NoRA adapters for the default model, trained by benchmarks/demo_adapters.py; preloaded when
+# the default model is served without an --adapter-dir
+DEMO_ADAPTER_DIR = Path(__file__).parent / "demo_adapters"
 SERVICE_NAME = nora_pb2.DESCRIPTOR.services_by_name["Nora"].full_name  # "nora.v1.Nora"
 
 
@@ -184,10 +187,10 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
 
 async def serve(config: ServerConfig, engine_config: EngineConfig, *,
                 announce=_say) -> None:
-    """Run the server until SIGTERM or SIGINT, then drain and exit. With the demo model
-    (engine_config.model None) and no adapter_dir, demo adapters are written and preloaded."""
+    """Run the server until SIGTERM or SIGINT, then drain and exit. With the default model
+    (engine_config.model None) and no adapter_dir, the demo adapters are preloaded."""
     demo = engine_config.model is None and config.adapter_dir is None
-    adapter_dir = str(demo_adapter_dir(engine_config.mode)) if demo else config.adapter_dir
+    adapter_dir = str(DEMO_ADAPTER_DIR) if demo else config.adapter_dir
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -198,11 +201,12 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
     where = "localhost" if config.host in ("0.0.0.0", "::", "[::]") else config.host
     announce(f"nora: listening on {config.host}:{server.port} "
              f"({'TLS' if config.tls_cert else 'plaintext'}); loading "
-             f"{engine_config.model or 'the built-in demo model'} ...")
+             f"{engine_config.model or 'the default model'} ...")
     try:
         engine = await _load_engine(engine_config, adapter_dir, stop)
     except Exception as exc:
-        log.exception("loading the model failed")
+        if not isinstance(exc, MissingModelPackages):  # that one's message says it all
+            log.exception("loading the model failed")
         announce(f"nora: loading the model failed: {type(exc).__name__}: {exc}")
         await server.stop(0)
         raise SystemExit(1) from exc
@@ -210,8 +214,6 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
         await server.stop(0)
         return
     try:
-        if demo:
-            write_demo_adapters(engine.info, adapter_dir)
         adapters = preload_adapters(engine, adapter_dir) if adapter_dir else []
         for adapter_id in adapters:  # preloaded adapters claim their metric labels first
             server.metrics.adapter_label(adapter_id)

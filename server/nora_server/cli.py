@@ -19,7 +19,7 @@ from nora_server.app import serve
 from nora_server.config import ServerConfig
 
 ENGINE_FLAGS = {  # EngineConfig field -> help
-    "model": "checkpoint directory or hub id (default: the built-in demo model)",
+    "model": "checkpoint directory, hub id or .gguf file (default: SmolLM2-135M-Instruct)",
     "device": "auto (cuda if available), cuda, cuda:N or cpu",
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32",
     "mode": "activation mode: replace (the rational is the activation) or residual "
@@ -30,7 +30,8 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
     "max_num_batched_tokens": "token budget of one engine step",
     "max_model_len": "prompt + generated tokens of one sequence",
     "kv_memory_fraction": "GPU: fraction of free memory given to the KV cache",
-    "kv_cache_tokens_cpu": "CPU: KV cache size in tokens",
+    "kv_cache_tokens_cpu": "CPU: KV cache size in tokens (none: from the model and 10%% of "
+                           "available memory, at most 2 GiB)",
     "cuda_graphs": "capture decode steps in CUDA graphs on GPU",
     "seed": "seed for requests without one of their own",
 }
