@@ -39,12 +39,18 @@ import torch
 from transformers import GenerationConfig
 
 from nora_runtime.adapter import base_fingerprint
-from nora_runtime.config import EngineConfig
 from nora_runtime.checkpoint import DEFAULT_MODEL_NAME, resolve_checkpoint
+from nora_runtime.config import EngineConfig
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
 from nora_runtime.model_runner import ModelRunner
 from nora_runtime.registry import AdapterInfo, AdapterNotFound, AdapterRegistry
-from nora_runtime.sampling import SamplingParams, finish_reason, make_generator, sample
+from nora_runtime.sampling import (
+    SamplingParams,
+    finish_reason,
+    make_generator,
+    model_defaults,
+    sample,
+)
 from nora_runtime.scheduler import ScheduledBatch, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -116,7 +122,8 @@ class _Request:
 
 class Engine:
     """Loads the model (config.model: a local checkpoint, hub id or .gguf file; None: the
-    default model, SmolLM2-135M-Instruct) and serves requests from a background thread once `start()`ed.
+    default model, SmolLM2-135M-Instruct) and serves requests from a background thread once
+    `start()`ed.
 
     adapter_store: the directory that `load_adapter` may read paths from (None: bytes only).
     """
@@ -133,6 +140,8 @@ class Engine:
                                         act=runner.act, store_dir=adapter_store)
         self.scheduler = Scheduler(config, runner.num_blocks)
         self.eos_ids = _eos_ids(checkpoint, hf, self.tokenizer)
+        # what submit(params=None) uses; the server fills a request's unset fields from it
+        self.default_params = model_defaults(checkpoint)
         kv_tokens = runner.num_blocks * runner.block_size
         if config.max_model_len > kv_tokens:
             log.warning("max_model_len %d exceeds the KV cache: sequences end at %d tokens",
@@ -187,14 +196,15 @@ class Engine:
                adapter: str | bytes | None = None, request_id: str | None = None,
                deadline: float | None = None,
                on_event: Callable[[TokenEvent], None]) -> str:
-        """Queue a request; its events go to `on_event` (on the loop thread). `adapter`: an
+        """Queue a request; its events go to `on_event` (on the loop thread). `params`: None =
+        the model's defaults (`default_params`, from its generation config). `adapter`: an
         adapter id, or an adapter file's bytes (loaded inline, deduplicated by content).
         `deadline`: a time.monotonic() after which it ends with "time_limit".
 
         Raises (nothing is queued then) ValueError for a bad prompt or parameters,
         AdapterNotFound for an unknown adapter id, the registry's errors for inline bytes.
         """
-        params = params or SamplingParams()
+        params = params or self.default_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)

@@ -1,5 +1,6 @@
 """Choosing the next token: repetition penalty, temperature, top-k, top-p, per-request seeds,
-log-probabilities, and when a sequence stops on a token or on length.
+log-probabilities, and when a sequence stops on a token or on length. A model's default
+parameters come from its generation_config.json (`model_defaults`).
 
 Determinism is the priority: a row's token depends only on its own logits, its parameters and
 its own `torch.Generator`, never on which other rows share the batch or in which order. So the
@@ -17,10 +18,13 @@ things make it so:
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 
 import torch
 
@@ -29,6 +33,8 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed accepts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,37 @@ def _check_number(name: str, value: object) -> None:
 def _check_int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def defaults_from_generation_config(gen: Mapping[str, object]) -> SamplingParams:
+    """SamplingParams whose defaults are a generation config's (a generation_config.json as a
+    dict): do_sample false = greedy (temperature 0, as HF generate), else its temperature,
+    top_k, top_p and repetition_penalty. Only keys the config sets count (as vLLM reads it):
+    where it sets none, SamplingParams' own defaults stay (temperature 1; not HF's implicit
+    top_k 50). A config whose values SamplingParams refuses is ignored with a warning."""
+    kw = {k: gen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")
+          if gen.get(k) is not None}
+    if gen.get("do_sample") is False:
+        kw = {"temperature": 0.0}
+    try:
+        return SamplingParams(**kw)
+    except ValueError as exc:
+        log.warning("generation config's sampling ignored (%s): %s", exc, kw)
+        return SamplingParams()
+
+
+def model_defaults(checkpoint: str | Path) -> SamplingParams:
+    """The default SamplingParams of a checkpoint directory: those of its generation_config.json
+    (`defaults_from_generation_config`), or SamplingParams() without one."""
+    path = Path(checkpoint) / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text())
+    except FileNotFoundError:
+        return SamplingParams()
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable, default sampling used: %s", path, exc)
+        return SamplingParams()
+    return defaults_from_generation_config(gen if isinstance(gen, dict) else {})
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

@@ -16,8 +16,10 @@ from nora_runtime.sampling import (
     GREEDY_BELOW,
     SamplingParams,
     _penalise,
+    defaults_from_generation_config,
     finish_reason,
     make_generator,
+    model_defaults,
     sample,
 )
 
@@ -322,3 +324,24 @@ def test_finish_reason():
     q = SamplingParams(ignore_eos=True, stop_token_ids=(9,))
     assert finish_reason(q, 2, 1, eos) is None
     assert finish_reason(q, 9, 1, eos) == "stop"
+
+
+@pytest.mark.parametrize("gen, want", [
+    ({"eos_token_id": 2}, SamplingParams()),  # says nothing about sampling: ours stay
+    ({"do_sample": True, "temperature": 0.2, "top_p": 0.9},  # SmolLM2's
+     SamplingParams(temperature=0.2, top_p=0.9)),
+    ({"do_sample": False, "temperature": 0.7, "top_k": 5}, SamplingParams(temperature=0.0)),
+    ({"temperature": 0.6, "top_k": 20, "top_p": None, "repetition_penalty": 1.1},
+     SamplingParams(temperature=0.6, top_k=20, repetition_penalty=1.1)),
+    ({"do_sample": True, "temperature": -1.0}, SamplingParams()),  # invalid: ignored
+])
+def test_defaults_from_generation_config(gen, want):
+    assert defaults_from_generation_config(gen) == want
+
+
+def test_model_defaults_read_generation_config_json(tmp_path):
+    assert model_defaults(tmp_path) == SamplingParams()  # no file
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false}')
+    assert model_defaults(tmp_path).greedy
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert model_defaults(tmp_path) == SamplingParams()

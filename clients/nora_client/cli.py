@@ -1,8 +1,14 @@
 """`nora`: call a nora server from the shell.
 
     nora generate --adapter demo-1 "Once upon a time"     # streams the text to stdout
+    nora generate --chat "What is the capital of France?"  # one user message, the answer
+    nora chat --system "Be brief."                         # a conversation: one line per turn
     nora adapters list | load ID --path FILE | load ID --file LOCAL_FILE | unload ID
     nora tokenize "some text" ; nora info ; nora health
+
+`nora chat` reads one user message per line from stdin (a terminal or a pipe), streams each
+answer to stdout and keeps the whole conversation; it ends at end of input or on "/exit"
+("/reset" starts a new conversation). Unset sampling flags take the served model's defaults.
 
 Connection flags go before the command; each has an environment variable (NORA_TARGET,
 NORA_AUTH_TOKEN, NORA_ADMIN_TOKEN, NORA_TLS_CA, NORA_TLS_CERT, NORA_TLS_KEY).
@@ -44,22 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text (streamed)")
     g.add_argument("prompt")
-    a = g.add_mutually_exclusive_group()
-    a.add_argument("--adapter", help="id of a loaded adapter")
-    a.add_argument("--adapter-file", type=Path, help="a local adapter file, sent inline")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    g.add_argument("--time-limit", type=float, help="seconds")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message through the chat template")
+    g.add_argument("--system", help="with --chat: a system message before it")
+    _generation_flags(g)
     g.add_argument("--json", action="store_true",
                    help="print the whole response as JSON instead of streaming text")
 
+    c = sub.add_parser("chat", help="a conversation: a user message per line of stdin")
+    c.add_argument("--system", help="a system message that starts the conversation")
+    _generation_flags(c, max_new_tokens=CHAT_MAX_NEW_TOKENS)
+
     t = sub.add_parser("tokenize", help="token ids of a text")
     t.add_argument("text")
+    t.add_argument("--chat", action="store_true",
+                   help="the chat template's ids of the text as one user message")
     sub.add_parser("info", help="the served model and the server's limits")
     sub.add_parser("health", help="grpc.health.v1 status (exit status 0 if SERVING)")
 
@@ -76,30 +81,125 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json(message) -> str:
-    return json_format.MessageToJson(message, preserving_proto_field_name=True)
+CHAT_MAX_NEW_TOKENS = 512  # an answer's cap in `nora chat` (the server's default, 64, cuts most)
 
 
-def _generate(nora: NoraClient, args) -> None:
+def _generation_flags(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
+    a = p.add_mutually_exclusive_group()
+    a.add_argument("--adapter", help="id of a loaded adapter")
+    a.add_argument("--adapter-file", type=Path, help="a local adapter file, sent inline")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"default: {max_new_tokens or 'the server default'}")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the model's")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--time-limit", type=float, help="seconds")
+
+
+def _params(args) -> dict:
     params = dict(adapter_id=args.adapter, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                   time_limit=args.time_limit)
     if args.adapter_file is not None:
         params["adapter_bytes"] = args.adapter_file.read_bytes()
+    return params
+
+
+def _conversation(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _finish(last) -> str:
+    reason = nora_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
+    return (f"[{reason.lower()}: {last.usage.prompt_tokens} prompt + "
+            f"{last.usage.completion_tokens} generated tokens]"
+            + (f" {last.error}" if last.error else ""))
+
+
+def _json(message) -> str:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True)
+
+
+def _generate(nora: NoraClient, args) -> None:
+    params = _params(args)
+    if args.system and not args.chat:
+        raise SystemExit("nora: --system needs --chat")
+    if args.chat:
+        params["messages"] = [*_conversation(args.system),
+                              {"role": "user", "content": args.prompt}]
+    else:
+        params["prompt"] = args.prompt
     if args.json:
-        print(_json(nora.generate(args.prompt, **params)))
+        print(_json(nora.generate(**params)))
         return
     last = None
-    for last in nora.generate_stream(args.prompt, **params):
+    for last in nora.generate_stream(**params):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     print()
     if last is not None:
-        reason = nora_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
-        print(f"[{reason.lower()}: {last.usage.prompt_tokens} prompt + "
-              f"{last.usage.completion_tokens} generated tokens]"
-              + (f" {last.error}" if last.error else ""), file=sys.stderr)
+        print(_finish(last), file=sys.stderr)
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next user line; None at end of input."""
+    if interactive:
+        try:
+            return input("> ")  # readline editing and history where available
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def _chat(nora: NoraClient, args) -> None:
+    """The conversation loop: one user line in, the answer streamed out, both kept."""
+    params = _params(args)
+    interactive = sys.stdin.isatty()
+    messages = _conversation(args.system)
+    if interactive:
+        print("nora chat: a message per line; /reset, /exit or end of input (Ctrl-D)",
+              file=sys.stderr)
+    while (line := _read_turn(interactive)) is not None:
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = _conversation(args.system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        call = nora.generate_stream(messages=messages, **params)
+        parts: list[str] = []
+        last = None
+        try:
+            for last in call:
+                parts.append(last.text)
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # ends this answer, not the conversation
+            call.cancel()
+            last = None
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:  # e.g. the server is gone
+                raise
+            print(f"nora: {exc.code().name}: {exc.details()} (message dropped)",
+                  file=sys.stderr)
+            messages.pop()
+            continue
+        print()
+        if last is None:  # interrupted: the answer is not part of the conversation
+            print("[interrupted: message dropped]", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": "".join(parts)})
+        if last.finish_reason != nora_pb2.FINISH_REASON_EOS:  # cut short: say why
+            print(_finish(last), file=sys.stderr)
 
 
 def run(args) -> int:
@@ -108,8 +208,12 @@ def run(args) -> int:
                     server_name=args.server_name, timeout=args.timeout) as nora:
         if args.command == "generate":
             _generate(nora, args)
+        elif args.command == "chat":
+            _chat(nora, args)
         elif args.command == "tokenize":
-            print(" ".join(map(str, nora.tokenize(args.text))))
+            ids = (nora.tokenize(messages=[{"role": "user", "content": args.text}])
+                   if args.chat else nora.tokenize(args.text))
+            print(" ".join(map(str, ids)))
         elif args.command == "info":
             print(_json(nora.model_info()))
         elif args.command == "health":

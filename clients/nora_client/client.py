@@ -2,8 +2,15 @@
 
     with NoraClient("localhost:50051") as nora:
         print(nora.generate("Hello", adapter_id="demo-1", max_new_tokens=32).text)
-        for part in nora.generate_stream("Hello", temperature=0):
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        for part in nora.generate_stream(messages=chat, temperature=0):
             print(part.text, end="", flush=True)
+
+The input of a generation is exactly one of: text, token ids (a list of ints, or what
+`tokenizer(...)` / `apply_chat_template(..., tokenize=True)` return: a BatchEncoding, a numpy
+array or torch tensor of one row) or `messages=` (a conversation the server formats with the
+model's chat template). Unset sampling parameters take the served model's defaults (its
+generation config; `model_info().default_sampling`).
 
 Responses are the API's proto messages (typed by nora_pb2.pyi). Options: a bearer token (and an
 admin token for LoadAdapter/UnloadAdapter), TLS with a CA file, a client certificate (mTLS).
@@ -15,8 +22,10 @@ gRPC's limit is 5 attempts).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+import operator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -25,8 +34,71 @@ from nora_proto.v1 import nora_pb2, nora_pb2_grpc
 DEFAULT_TARGET = "localhost:50051"
 HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
+# text; token ids: a sequence of ints, a BatchEncoding (its "input_ids"), a numpy array or
+# torch tensor, 1-D or of one row
+Prompt = str | Sequence[int] | Mapping[str, Any] | Any
+# dicts {"role", "content"} or ChatMessage protos
+Messages = Sequence[Mapping[str, str] | nora_pb2.ChatMessage]
 
-def generate_request(prompt: str | Sequence[int], *, adapter_id: str | None = None,
+
+def token_ids(ids: Any) -> list[int]:
+    """Token ids as a list of ints from a list or tuple of ints, a mapping with "input_ids" (a
+    BatchEncoding), or an array-like with `.tolist()` (numpy, torch), 1-D or 2-D with one row.
+    Neither numpy nor torch is imported."""
+    if isinstance(ids, Mapping):
+        if "input_ids" not in ids:
+            raise TypeError("a mapping prompt needs an 'input_ids' entry (as a BatchEncoding)")
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):  # numpy array, torch tensor
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"token ids must be a sequence of ints, got {type(ids).__name__}")
+    first = ids[0] if ids else None
+    if isinstance(first, (Mapping, nora_pb2.ChatMessage)):
+        raise TypeError("a conversation goes in messages=, not in prompt")
+    if (isinstance(first, Sequence) and not isinstance(first, (str, bytes))
+            or getattr(first, "ndim", 0) >= 1):  # rows of a batch (not 0-d tensors, np ints)
+        if len(ids) != 1:
+            raise ValueError(f"token ids of one sequence expected, got a batch of {len(ids)}")
+        return token_ids(ids[0])
+    out = []
+    for t in ids:
+        if isinstance(t, bool):
+            raise TypeError("token ids must be ints, got a bool")
+        try:
+            t = operator.index(t)  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"token ids must be ints, got {type(t).__name__}") from None
+        if t < 0:
+            raise ValueError(f"token ids must be >= 0, got {t}")
+        out.append(t)
+    return out
+
+
+def chat_messages(messages: Messages) -> list[nora_pb2.ChatMessage]:
+    """ChatMessage protos from dicts {"role", "content"} (strings; no other keys) or
+    ChatMessages."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role', 'content'} dicts or ChatMessages")
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, nora_pb2.ChatMessage):
+            out.append(m)
+            continue
+        if not isinstance(m, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict or ChatMessage, got "
+                            f"{type(m).__name__}")
+        if set(m) != {"role", "content"}:
+            raise ValueError(f"messages[{i}] must have exactly the keys role and content, got "
+                             f"{sorted(m)}")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise TypeError(f"messages[{i}]: role and content must be strings")
+        out.append(nora_pb2.ChatMessage(role=m["role"], content=m["content"]))
+    return out
+
+
+def generate_request(prompt: Prompt | None = None, *, messages: Messages | None = None,
+                     adapter_id: str | None = None,
                      adapter_bytes: bytes | None = None, temperature: float | None = None,
                      top_k: int | None = None, top_p: float | None = None,
                      repetition_penalty: float | None = None, seed: int | None = None,
@@ -35,15 +107,21 @@ def generate_request(prompt: str | Sequence[int], *, adapter_id: str | None = No
                      time_limit: float | None = None, logprobs: bool = False,
                      input_tokens: bool = False,
                      request_id: str = "") -> nora_pb2.GenerateRequest:
-    """A GenerateRequest; None leaves a parameter to the server's default. `prompt`: text, or
-    token ids. At most one of `adapter_id` and `adapter_bytes` (an adapter file's contents)."""
+    """A GenerateRequest; None leaves a parameter to the server's default (the model's).
+    Exactly one of `prompt` (text or token ids, see `token_ids`) and `messages` (a
+    conversation). At most one of `adapter_id` and `adapter_bytes` (an adapter file's
+    contents)."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt (text or token ids) and messages")
     if adapter_id is not None and adapter_bytes is not None:
         raise ValueError("give adapter_id or adapter_bytes, not both")
     req = nora_pb2.GenerateRequest(request_id=request_id)
-    if isinstance(prompt, str):
+    if messages is not None:
+        req.messages.extend(chat_messages(messages))
+    elif isinstance(prompt, str):
         req.prompt = prompt
     else:
-        req.token_ids.ids.extend(prompt)
+        req.token_ids.ids.extend(token_ids(prompt))
     if adapter_id is not None:
         req.adapter_id = adapter_id
     elif adapter_bytes is not None:
@@ -61,6 +139,15 @@ def generate_request(prompt: str | Sequence[int], *, adapter_id: str | None = No
     req.stopping.time_limit_seconds = time_limit or 0.0
     req.options.logprobs, req.options.input_tokens = logprobs, input_tokens
     return req
+
+
+def tokenize_request(text: str | None, messages: Messages | None,
+                     add_special_tokens: bool) -> nora_pb2.TokenizeRequest:
+    if (text is None) == (messages is None):
+        raise ValueError("give exactly one of text and messages")
+    if messages is not None:
+        return nora_pb2.TokenizeRequest(messages=chat_messages(messages))
+    return nora_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
 
 
 def load_request(adapter_id: str, path: str | None,
@@ -152,21 +239,26 @@ class NoraClient:
     def close(self) -> None:
         self.channel.close()
 
-    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
-                 **params) -> nora_pb2.GenerateResponse:
-        """The whole completion. `params`: as `generate_request`."""
-        return self.stub.Generate(generate_request(prompt, **params), **self._o.call(timeout))
+    def generate(self, prompt: Prompt | None = None, *, messages: Messages | None = None,
+                 timeout: float | None = None, **params) -> nora_pb2.GenerateResponse:
+        """The whole completion of `prompt` (text or token ids) or the assistant's answer to
+        `messages`. `params`: as `generate_request`."""
+        req = generate_request(prompt, messages=messages, **params)
+        return self.stub.Generate(req, **self._o.call(timeout))
 
-    def generate_stream(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+    def generate_stream(self, prompt: Prompt | None = None, *,
+                        messages: Messages | None = None, timeout: float | None = None,
                         **params) -> Iterator[nora_pb2.GenerateResponse]:
         """The completion as it is generated; the last message has finish_reason and usage.
         The iterator is also the gRPC call: `.cancel()` aborts the request on the server."""
-        return self.stub.GenerateStream(generate_request(prompt, **params),
-                                        **self._o.call(timeout))
+        req = generate_request(prompt, messages=messages, **params)
+        return self.stub.GenerateStream(req, **self._o.call(timeout))
 
-    def tokenize(self, text: str, *, add_special_tokens: bool = False,
-                 timeout: float | None = None) -> list[int]:
-        req = nora_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+    def tokenize(self, text: str | None = None, *, messages: Messages | None = None,
+                 add_special_tokens: bool = False, timeout: float | None = None) -> list[int]:
+        """Token ids of `text`, or of `messages` under the chat template (with the assistant's
+        generation prompt: what generate(messages=...) generates from)."""
+        req = tokenize_request(text, messages, add_special_tokens)
         return list(self.stub.Tokenize(req, **self._o.call(timeout)).token_ids)
 
     def model_info(self, *, timeout: float | None = None) -> nora_pb2.ModelInfoResponse:
@@ -225,26 +317,28 @@ class AsyncNoraClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+    async def generate(self, prompt: Prompt | None = None, *,
+                       messages: Messages | None = None, timeout: float | None = None,
                        **params) -> nora_pb2.GenerateResponse:
-        return await self.stub.Generate(generate_request(prompt, **params),
-                                        **self._o.call(timeout))
+        req = generate_request(prompt, messages=messages, **params)
+        return await self.stub.Generate(req, **self._o.call(timeout))
 
-    async def generate_stream(self, prompt: str | Sequence[int], *,
-                              timeout: float | None = None,
+    async def generate_stream(self, prompt: Prompt | None = None, *,
+                              messages: Messages | None = None, timeout: float | None = None,
                               **params) -> AsyncIterator[nora_pb2.GenerateResponse]:
         """Closing the iterator early (or cancelling its task) aborts the request."""
-        call = self.stub.GenerateStream(generate_request(prompt, **params),
-                                        **self._o.call(timeout))
+        req = generate_request(prompt, messages=messages, **params)  # raises before the call
+        call = self.stub.GenerateStream(req, **self._o.call(timeout))
         try:
             async for part in call:
                 yield part
         finally:
             call.cancel()  # no-op once the call has finished
 
-    async def tokenize(self, text: str, *, add_special_tokens: bool = False,
+    async def tokenize(self, text: str | None = None, *, messages: Messages | None = None,
+                       add_special_tokens: bool = False,
                        timeout: float | None = None) -> list[int]:
-        req = nora_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        req = tokenize_request(text, messages, add_special_tokens)
         return list((await self.stub.Tokenize(req, **self._o.call(timeout))).token_ids)
 
     async def model_info(self, *, timeout: float | None = None) -> nora_pb2.ModelInfoResponse:

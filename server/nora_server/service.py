@@ -3,13 +3,22 @@
 Protos stay at this edge (DESIGN.md s4): requests become `SamplingParams`, token ids and an
 adapter here, and engine `TokenEvent`s become `GenerateResponse`s. Nothing here blocks the
 event loop: generation awaits the engine thread's events (`Engine.generate_async`), and
-tokenizing, loading and unloading run on worker threads, so no RPC waits for another.
+tokenizing, chat templating, loading and unloading run on worker threads, so no RPC waits for
+another.
+
+A request's input is exactly one of `prompt` (text), `token_ids` and `messages` (a
+conversation, through the model's chat template with the assistant's generation prompt; the
+answer stops at the template's end-of-turn token, added as a stop token when the model's EOS
+ids lack it, and reported as EOS). Unset sampling fields take the model's defaults
+(`Engine.default_params`, from its generation_config.json).
 
 Errors map to status codes in one place (`status_of`):
 
-    ValueError (bad parameters, over a limit), AdapterError, AdapterPathError  INVALID_ARGUMENT
+    ValueError (bad parameters, over a limit, not exactly one input, messages the chat
+      template refuses), AdapterError, AdapterPathError                      INVALID_ARGUMENT
     AdapterNotFound                                                            NOT_FOUND
-    AdapterMismatchError (another base model, mode, activation, groups)       FAILED_PRECONDITION
+    AdapterMismatchError (another base model, mode, activation, groups),
+      NoChatTemplate (messages for a model without a chat template)            FAILED_PRECONDITION
     RegistryFull, too many requests in flight                                 RESOURCE_EXHAUSTED
     no model loaded yet, shutting down                                        UNAVAILABLE
 
@@ -20,6 +29,7 @@ the engine request, which frees its KV blocks and adapter slot within one step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import logging
@@ -32,6 +42,13 @@ import grpc
 
 from nora_proto.v1 import nora_pb2, nora_pb2_grpc
 from nora_runtime.adapter import AdapterError, AdapterMismatchError
+from nora_runtime.chat import (
+    NoChatTemplate,
+    chat_token_ids,
+    check_messages,
+    end_of_turn_ids,
+    has_chat_template,
+)
 from nora_runtime.engine import Engine, TokenEvent
 from nora_runtime.registry import MAX_ID_LEN, AdapterInfo, AdapterNotFound, RegistryFull
 from nora_runtime.sampling import SamplingParams
@@ -71,6 +88,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     table = [  # order matters: AdapterMismatchError and AdapterPathError are ValueErrors
         (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
         (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+        (NoChatTemplate, grpc.StatusCode.FAILED_PRECONDITION),
         (RegistryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     ]
@@ -175,6 +193,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         self.config, self.metrics, self.engine = config, metrics, engine
         self.accepting = True  # False once draining: new generations answer UNAVAILABLE
         self.in_flight = 0  # generations admitted and not finished (event-loop thread only)
+        self._eot: tuple[Engine, tuple[int, ...]] | None = None  # end_of_turn_ids, per engine
 
     # ---- limits ---------------------------------------------------------------------------
 
@@ -213,7 +232,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         engine = self._engine()
         if not self.accepting:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        params = _sampling_params(request)
+        params = _sampling_params(request, engine.default_params)
+        input_kind = _input_kind(request)  # before admission: a request without input is bad
         time_limit = request.stopping.time_limit_seconds
         if not (math.isfinite(time_limit) and time_limit >= 0):
             raise ValueError(f"time_limit_seconds must be finite and >= 0, got {time_limit}")
@@ -225,8 +245,16 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                            f"{self.config.max_concurrent_requests}; retry later")
         self.in_flight += 1
         try:
-            ids = await self._prompt_ids(request, engine)
+            ids = await self._prompt_ids(request, input_kind, engine)
             self._check_lengths(engine, len(ids), params.max_new_tokens)
+            # a chat answer ends with the assistant's turn, EOS or not (reported as EOS)
+            end_of_turn: tuple[int, ...] = ()
+            if input_kind == "messages" and not params.ignore_eos:
+                end_of_turn = tuple(i for i in await self._end_of_turn(engine)
+                                    if i not in engine.eos_ids and i not in params.stop_token_ids)
+                if end_of_turn:
+                    params = dataclasses.replace(
+                        params, stop_token_ids=params.stop_token_ids + end_of_turn)
             adapter: str | None = None
             adapter_id = ""
             if request.WhichOneof("adapter") == "adapter_bytes":
@@ -243,6 +271,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             try:
                 async with aclosing(events):  # leaving early aborts the engine request
                     async for ev in events:
+                        if ev.finish_reason == "stop" and set(ev.token_ids) & set(end_of_turn):
+                            ev = dataclasses.replace(ev, finish_reason="eos")
                         tracker.event(ev)
                         yield self._response(ev, adapter_id, ids if first else None, request)
                         first = False
@@ -252,12 +282,11 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         finally:
             self.in_flight -= 1
 
-    async def _prompt_ids(self, request, engine: Engine) -> list[int]:
-        which = request.WhichOneof("input")
-        if which is None:
-            raise ValueError("the request needs a prompt or token_ids")
-        if which == "token_ids":
+    async def _prompt_ids(self, request, kind: str, engine: Engine) -> list[int]:
+        if kind == "token_ids":
             ids = list(request.token_ids.ids)
+        elif kind == "messages":
+            ids = await self._chat_ids(request.messages, engine)
         else:
             ids = await asyncio.to_thread(engine.tokenizer.encode, request.prompt)
         if not ids:
@@ -266,6 +295,22 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         if max(ids) >= vocab:
             raise ValueError(f"token ids must be < the vocabulary size {vocab}")
         return ids
+
+    async def _chat_ids(self, messages, engine: Engine) -> list[int]:
+        """The chat template's ids of proto ChatMessages (validated; templated off the loop)."""
+        if not has_chat_template(engine.tokenizer):
+            raise NoChatTemplate("the served model has no chat template: send prompt (text) or "
+                                 "token_ids instead of messages")
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        # every message takes at least one token, so more than the input limit cannot fit
+        check_messages(conversation, max_messages=self.max_input_tokens(engine))
+        return await asyncio.to_thread(chat_token_ids, engine.tokenizer, conversation)
+
+    async def _end_of_turn(self, engine: Engine) -> tuple[int, ...]:
+        """The chat template's end-of-turn token of `engine` (probed once per engine)."""
+        if self._eot is None or self._eot[0] is not engine:
+            self._eot = (engine, await asyncio.to_thread(end_of_turn_ids, engine.tokenizer))
+        return self._eot[1]
 
     def _check_lengths(self, engine: Engine, n_input: int, max_new_tokens: int) -> None:
         max_input, max_total = self.max_input_tokens(engine), self.max_total_tokens(engine)
@@ -300,8 +345,13 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     @rpc("Tokenize")
     async def Tokenize(self, request, context) -> nora_pb2.TokenizeResponse:
         engine = self._engine()
-        ids = await asyncio.to_thread(engine.tokenizer.encode, request.text,
-                                      add_special_tokens=request.add_special_tokens)
+        if request.messages:
+            if request.text:
+                raise ValueError("give text or messages, not both")
+            ids = await self._chat_ids(request.messages, engine)
+        else:
+            ids = await asyncio.to_thread(engine.tokenizer.encode, request.text,
+                                          add_special_tokens=request.add_special_tokens)
         return nora_pb2.TokenizeResponse(token_ids=ids)
 
     @rpc("ModelInfo")
@@ -315,7 +365,10 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             max_input_tokens=self.max_input_tokens(engine),
             max_total_tokens=self.max_total_tokens(engine),
             max_concurrent_requests=self.config.max_concurrent_requests,
-            adapter_slots_total=i.max_adapters, server_version=__version__)
+            adapter_slots_total=i.max_adapters, server_version=__version__,
+            default_sampling=_sampling_proto(engine.default_params),
+            default_max_new_tokens=engine.default_params.max_new_tokens,
+            chat_template=has_chat_template(engine.tokenizer))
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -345,16 +398,35 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             slots_used=stats.slots_used, slots_total=stats.slots_total)
 
 
-def _sampling_params(request) -> SamplingParams:
-    """SamplingParams of a GenerateRequest; unset fields keep SamplingParams' defaults.
-    Invalid values raise ValueError (INVALID_ARGUMENT)."""
+def _input_kind(request) -> str:
+    """Which input a GenerateRequest has: "prompt", "token_ids" or "messages"; ValueError unless
+    exactly one (`messages` cannot sit in the proto's oneof, so the oneof alone cannot say)."""
+    given = [k for k in (request.WhichOneof("input"),) if k] + (
+        ["messages"] if request.messages else [])
+    if len(given) != 1:
+        raise ValueError("the request needs exactly one of prompt, token_ids and messages; got "
+                         + (" and ".join(given) if given else "none"))
+    return given[0]
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+def _sampling_params(request, defaults: SamplingParams) -> SamplingParams:
+    """SamplingParams of a GenerateRequest; unset fields take `defaults` (the model's). Invalid
+    values raise ValueError (INVALID_ARGUMENT)."""
     s, stop = request.sampling, request.stopping
-    kw = {f: getattr(s, f) for f in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                     "seed") if s.HasField(f)}
+    kw = {f: getattr(s, f) for f in SAMPLING_FIELDS if s.HasField(f)}
     if stop.HasField("max_new_tokens"):
         kw["max_new_tokens"] = stop.max_new_tokens
-    return SamplingParams(**kw, stop=tuple(stop.stop), stop_token_ids=tuple(stop.stop_token_ids),
-                          ignore_eos=stop.ignore_eos, logprobs=request.options.logprobs)
+    return dataclasses.replace(defaults, **kw, stop=tuple(stop.stop),
+                               stop_token_ids=tuple(stop.stop_token_ids),
+                               ignore_eos=stop.ignore_eos, logprobs=request.options.logprobs)
+
+
+def _sampling_proto(params: SamplingParams) -> nora_pb2.SamplingParameters:
+    kw = {f: getattr(params, f) for f in SAMPLING_FIELDS if getattr(params, f) is not None}
+    return nora_pb2.SamplingParameters(**kw)
 
 
 def _adapter_info(a: AdapterInfo) -> nora_pb2.AdapterInfo:

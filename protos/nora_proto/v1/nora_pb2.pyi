@@ -30,10 +30,19 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "token_ids", "adapter_id", "adapter_bytes", "sampling", "stopping", "options", "request_id")
+    __slots__ = ("prompt", "token_ids", "messages", "adapter_id", "adapter_bytes", "sampling", "stopping", "options", "request_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -42,13 +51,14 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     token_ids: TokenIds
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     adapter_id: str
     adapter_bytes: bytes
     sampling: SamplingParameters
     stopping: StoppingParameters
     options: ResponseOptions
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., adapter_id: _Optional[str] = ..., adapter_bytes: _Optional[bytes] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., options: _Optional[_Union[ResponseOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., adapter_id: _Optional[str] = ..., adapter_bytes: _Optional[bytes] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParameters, _Mapping]] = ..., options: _Optional[_Union[ResponseOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
@@ -119,12 +129,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., input_token_ids: _Optional[_Iterable[int]] = ..., adapter_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("text", "add_special_tokens")
+    __slots__ = ("text", "add_special_tokens", "messages")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     add_special_tokens: bool
-    def __init__(self, text: _Optional[str] = ..., add_special_tokens: bool = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, text: _Optional[str] = ..., add_special_tokens: bool = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids",)
@@ -137,7 +149,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "mode", "act", "groups", "num_layers", "vocab_size", "max_model_len", "eos_token_ids", "device", "dtype", "max_input_tokens", "max_total_tokens", "max_concurrent_requests", "adapter_slots_total", "server_version")
+    __slots__ = ("model", "fingerprint", "mode", "act", "groups", "num_layers", "vocab_size", "max_model_len", "eos_token_ids", "device", "dtype", "max_input_tokens", "max_total_tokens", "max_concurrent_requests", "adapter_slots_total", "server_version", "default_sampling", "default_max_new_tokens", "chat_template")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +166,9 @@ class ModelInfoResponse(_message.Message):
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     mode: str
@@ -170,7 +185,10 @@ class ModelInfoResponse(_message.Message):
     max_concurrent_requests: int
     adapter_slots_total: int
     server_version: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., mode: _Optional[str] = ..., act: _Optional[str] = ..., groups: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., adapter_slots_total: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    default_sampling: SamplingParameters
+    default_max_new_tokens: int
+    chat_template: bool
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., mode: _Optional[str] = ..., act: _Optional[str] = ..., groups: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., adapter_slots_total: _Optional[int] = ..., server_version: _Optional[str] = ..., default_sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., chat_template: bool = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "data")

@@ -90,14 +90,15 @@ class NoraServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """Token ids of a text under the served model's tokenizer.
+        """Token ids of a text under the served model's tokenizer, or of a conversation under its
+        chat template.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ModelInfo(self, request, context):
-        """The served model, its activation mode and the server's limits.
+        """The served model, its activation mode, default sampling and the server's limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
