@@ -126,8 +126,6 @@ def _json(message) -> str:
 
 def _generate(nora: NoraClient, args) -> None:
     params = _params(args)
-    if args.system and not args.chat:
-        raise SystemExit("nora: --system needs --chat")
     if args.chat:
         params["messages"] = [*_conversation(args.system),
                               {"role": "user", "content": args.prompt}]
@@ -237,7 +235,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate" and args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
     try:
         code = run(args)
     except grpc.RpcError as exc:
