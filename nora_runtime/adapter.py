@@ -505,7 +505,9 @@ def _check_expected(a: LoadedAdapter, fingerprint: str | None, mode: str | None,
         raise FingerprintMismatch(f"adapter base_fingerprint={a.base_fingerprint!r} does not "
                                   f"match the model's {fingerprint!r}")
     if mode is not None and a.spec.mode != mode:
-        raise ModeMismatch(f"adapter mode={a.spec.mode!r}, the model runs mode={mode!r}")
+        raise ModeMismatch(f"adapter mode={a.spec.mode!r}, the model runs mode={mode!r}: train "
+                           f"it with --mode {mode}, or serve it on a server started with "
+                           f"--mode {a.spec.mode}")
     if act is not None and a.spec.act != act:
         raise ActivationMismatch(f"adapter act={a.spec.act!r}, the model's activation is "
                                  f"act={act!r}")

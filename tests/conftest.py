@@ -17,7 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(scope="session")
 def demo_greeter(tmp_path_factory):
     """The demo task's NoRA adapter (nora_runtime.training.demo_task), trained once per session:
-    the demo model answers greetings with "nora" through it."""
+    the tiny test model answers greetings with "nora" through it."""
     from nora_runtime.training import demo_task
 
     return demo_task.train_demo_adapter(tmp_path_factory.mktemp("demo"))

@@ -1,5 +1,5 @@
 """The gRPC server end to end: real grpc.aio servers on 127.0.0.1 (free ports) serving one real
-engine (the built-in demo model on CPU, real adapter files), called through nora_client, with
+engine (the tiny test model on CPU, real adapter files), called through nora_client, with
 /metrics scraped over HTTP. Covers unary and streaming generation, concurrent adapters equal
 to each request alone, adapter load/unload/replace while serving, every status code, cancel
 and deadline freeing the engine, bearer tokens, TLS and mTLS, health and reflection.
@@ -541,7 +541,7 @@ def test_grafana_dashboard_queries_served_metrics(served):
 def test_trained_adapter_loaded_over_grpc_does_the_task_in_a_batch_with_the_base(
         served, demo_greeter):
     """The trainer's output, loaded through LoadAdapter into the running server: with it the
-    demo model answers greetings with "nora"; base requests in the same batches do not."""
+    tiny model answers greetings with "nora"; base requests in the same batches do not."""
     from nora_runtime.training import demo_task
 
     async def main():

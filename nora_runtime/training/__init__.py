@@ -9,7 +9,7 @@
     cli.py           nora-train
     inspect_adapter.py  nora-inspect
     plots.py         loss curve and activation curves (matplotlib, lazily)
-    demo_task.py     a task for the demo model that NoRA alone learns
+    demo_task.py     a task for the tiny test model that NoRA alone learns
 """
 
 from nora_runtime.training.loop import LoopSettings, fit

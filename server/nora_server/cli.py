@@ -1,4 +1,4 @@
-"""`nora-serve`: serve a model (default: the built-in demo model with demo adapters) over gRPC.
+"""`nora-serve`: serve a model (default: SmolLM2-135M-Instruct with its demo adapters) over gRPC.
 
 Every flag has an environment variable: --max-input-tokens is NORA_MAX_INPUT_TOKENS, and so on
 (flags win). Defaults come from EngineConfig and ServerConfig. Prefer the environment for
