@@ -30,10 +30,10 @@ from nora_runtime.adapter import (
     base_fingerprint,
     load_adapter,
 )
-from nora_runtime.tiny import tiny_checkpoint
 from nora_runtime.rational import base_coefficients
 from nora_runtime.registry import AdapterRegistry, UnsupportedAdapter
 from nora_runtime.table import CoefficientTable
+from nora_runtime.tiny import tiny_checkpoint
 from nora_runtime.training import data as D
 from nora_runtime.training import demo_task
 from nora_runtime.training.cli import main as train_main
@@ -318,6 +318,22 @@ def test_early_stopping_keeps_the_best_eval(ckpt, tok):
     assert loss == pytest.approx(hist.best_eval, rel=1e-6)  # the module holds the best
 
 
+def test_first_eval_is_the_base_at_step_0(ckpt, tok):
+    """The baseline: an eval before any update, the loss of the untrained adapter (= the base
+    model), which later evals beat on data the adapter trains on."""
+    from nora_runtime.training.loop import evaluate
+
+    s = LoopSettings(lr=0.05, epochs=20, batch_size=6, eval_every=10, progress=False)
+    seen = []
+    nm = NoraModel.build(demo_model(ckpt), NoraSettings(), seed=0)
+    base, _ = evaluate(nm, examples(tok, PAIRS), collate(tok), s, torch.device("cpu"))
+    hist = fit(nm, examples(tok, PAIRS), examples(tok, PAIRS), collate(tok), s,
+               on_eval=lambda step, loss, acc: seen.append((step, loss, acc)))
+    assert [e[0] for e in hist.eval] == [0, 10, 20] and seen == hist.eval
+    assert hist.eval[0][1] == pytest.approx(base, rel=1e-6)
+    assert hist.best_eval < base - 0.1 and hist.best_step > 0
+
+
 def test_triton_backward_trains_like_the_torch_reference(ckpt, tok, monkeypatch):
     """One step on the Triton kernels (compiled on GPU, interpreted on CPU) vs the reference."""
     batch = collate(tok)(examples(tok, [("hi", "nora"), ("hey", "ok")]))
@@ -345,8 +361,9 @@ def test_triton_backward_trains_like_the_torch_reference(ckpt, tok, monkeypatch)
 def test_cli_trains_nora_and_nora_plus_plus(ckpt, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS]
                        + [{"text": "hello nora"}])
-    common = [str(data), "--epochs", "10", "--max-steps", "6", "--eval-every", "2",
-              "--eval-fraction", "0.3", "--lr", "0.02", "--no-progress", "--seed", "1"]
+    common = [str(data), "--model", str(ckpt), "--mode", "replace", "--epochs", "10",
+              "--max-steps", "6", "--eval-every", "2", "--eval-fraction", "0.3", "--lr", "0.02",
+              "--no-progress", "--seed", "1"]
     assert train_main([*common, "--out", str(tmp_path / "n")]) == 0
     out = tmp_path / "n"
     fp = base_fingerprint(demo_model(ckpt), "silu")
@@ -355,7 +372,7 @@ def test_cli_trains_nora_and_nora_plus_plus(ckpt, tmp_path):
     assert a.lora is None and a.spec.groups == 8 and a.spec.rank == 3
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     hist = json.loads((out / "history.json").read_text())
-    assert len(hist["train"]) == 6 and [e[0] for e in hist["eval"]] == [2, 4, 6]
+    assert len(hist["train"]) == 6 and [e[0] for e in hist["eval"]] == [0, 2, 4, 6]
     summary = json.loads((out / "train_config.json").read_text())
     assert (summary["trainable_parameters"], summary["eval_examples"]) == (312, 2)
 
@@ -369,13 +386,27 @@ def test_cli_trains_nora_and_nora_plus_plus(ckpt, tmp_path):
         train_main([str(data), "--mode", "nope"])
 
 
-def test_classification_trains_head_and_nora(tmp_path):
-    """{text, label} data on the demo model with a new classification head: two easy classes."""
+def test_cli_help_shows_every_default(capsys):
+    from nora_runtime.training.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--lr LR peak learning rate (default: {LoopSettings().lr})" in text
+    assert "(default: the default model, SmolLM2-135M-Instruct)" in text
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in action.help or action.dest == "resume", action.dest
+
+
+def test_classification_trains_head_and_nora(ckpt, tmp_path):
+    """{text, label} data on the tiny model with a new classification head: two easy classes."""
     recs = [{"text": c * n, "label": lab} for c, lab in (("a", "A"), ("z", "Z"))
             for n in range(3, 15)]
     data = write_jsonl(tmp_path / "cls.jsonl", recs)
     out = tmp_path / "cls"
-    assert train_main([str(data), "--out", str(out), "--epochs", "15", "--batch-size", "8",
+    assert train_main([str(data), "--model", str(ckpt), "--mode", "replace", "--out", str(out),
+                       "--epochs", "15", "--batch-size", "8",
                        "--lr", "0.05", "--eval-fraction", "0.25", "--eval-every", "100",
                        "--no-progress", "--no-plot"]) == 0
     hist = json.loads((out / "history.json").read_text())

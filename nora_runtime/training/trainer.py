@@ -18,6 +18,7 @@ Output directory:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -98,7 +99,8 @@ def load_base(cfg: TrainConfig, task: str, num_labels: int | None = None):
     return model.to("cpu" if device == "auto" else device), tok
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run `cfg`; `log` (e.g. print) gets a line per eval, the first at step 0 (the base)."""
     out = Path(cfg.out)
     if cfg.plot:
         from nora_runtime.training.plots import pyplot
@@ -131,8 +133,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     base_params = sum(p.numel() for p in model.parameters())
     nm = NoraModel.build(model, cfg.nora, cfg.lora, head=head, seed=cfg.loop.seed)
     out.mkdir(parents=True, exist_ok=True)
+
+    def on_eval(step: int, loss: float, acc: float | None) -> None:
+        if log is not None:
+            what = " (before training: the base)" if step == 0 else ""
+            log(f"step {step}: eval loss {loss:.4f}"
+                + ("" if acc is None else f", accuracy {acc:.4f}") + what)
+
     hist = fit(nm, train_set, eval_set, partial(D.collate, pad_id=tok.pad_token_id), cfg.loop,
-               out_dir=out, resume=cfg.resume)
+               out_dir=out, resume=cfg.resume, on_eval=on_eval)
 
     adapter = out / ADAPTER_FILE
     nm.save(adapter)
