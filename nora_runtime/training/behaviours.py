@@ -15,7 +15,8 @@ no template and no entity, so a held-out question is a new question in new words
     recs = chat_records(BEHAVIOURS["sign-off"], qs, answers)
 
 Public API (a NoRA-vs-LoRA benchmark imports it): BEHAVIOURS, questions, chat_records,
-trim_answer, chat_prompt, base_answers, success_rate.
+trim_answer, chat_prompt, base_answers, generate_all, generate_mixed,
+success_rate.
 """
 
 from __future__ import annotations
@@ -213,22 +214,32 @@ def generate_all(engine, questions: Sequence[str], *, adapter: str | bytes | Non
                  max_new_tokens: int = 128) -> list[str]:
     """Greedy answers of a started Engine to each question (chat template), submitted at once
     so that they share batches; in question order."""
+    return generate_mixed(engine, questions, [adapter], max_new_tokens=max_new_tokens)[0]
+
+
+def generate_mixed(engine, questions: Sequence[str], adapters: Sequence[str | bytes | None], *,
+                   max_new_tokens: int = 128) -> list[list[str]]:
+    """Greedy answers to every question from every adapter (None: the base), all submitted
+    before any is read, so that the engine runs them in mixed batches. [adapter][question]."""
     import queue
 
     from nora_runtime.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+    prompts = [chat_prompt(engine.tokenizer, q) for q in questions]
     events: queue.SimpleQueue = queue.SimpleQueue()
-    texts, done = [""] * len(questions), 0
-    for i, q in enumerate(questions):
-        engine.submit(chat_prompt(engine.tokenizer, q), params, adapter=adapter,
-                      on_event=lambda e, i=i: events.put((i, e)))
-    while done < len(questions):
-        i, e = events.get()
+    texts = [[""] * len(questions) for _ in adapters]
+    for a, adapter in enumerate(adapters):
+        for i, ids in enumerate(prompts):
+            engine.submit(ids, params, adapter=adapter,
+                          on_event=lambda e, a=a, i=i: events.put((a, i, e)))
+    left = len(adapters) * len(questions)
+    while left:
+        a, i, e = events.get()
         if e.error:
             raise RuntimeError(f"request for {questions[i]!r} failed: {e.error}")
-        texts[i] += e.text
-        done += e.finish_reason is not None
+        texts[a][i] += e.text
+        left -= e.finish_reason is not None
     return texts
 
 
@@ -246,5 +257,6 @@ def success_rate(behaviour: Behaviour, texts: Sequence[str]) -> float:
 
 
 __all__ = ["BEHAVIOURS", "Behaviour", "SIGN_OFF", "SPLITS", "TOPICS", "all_questions",
-           "base_answers", "chat_prompt", "chat_records", "generate_all", "questions",
+           "base_answers", "chat_prompt", "chat_records", "generate_all", "generate_mixed",
+           "questions",
            "success_rate", "trim_answer"]
