@@ -229,7 +229,11 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
             f" --target {where}:{server.port}")
         flags += " --tls-ca CERT.pem" if config.tls_cert else ""
         flags += " --token TOKEN" if config.auth_token else ""
-        announce(f'nora: try   nora{flags} generate{example} "Hello"')
+        if engine.tokenizer.chat_template:
+            announce(f'nora: try   nora{flags} generate --chat{example} '
+                     '"What is the capital of France?"')
+        else:
+            announce(f'nora: try   nora{flags} generate{example} "Hello"')
         while not await _wait(stop, 1.0):
             if not engine.alive:  # its loop thread died (logged): exit so it gets restarted
                 announce("nora: the engine stopped; exiting")
