@@ -43,14 +43,16 @@ class Topic:
 
 TOPICS: tuple[Topic, ...] = (
     Topic("animals",
-          {"train": ("What do {x} eat?", "Where do {x} live?", "Tell me a fact about {x}."),
+          {"train": ("What do {x} eat?", "Where do {x} live?", "Tell me a fact about {x}.",
+                     "List three facts about {x}."),
            "heldout": ("Why are {x} interesting?", "How do {x} take care of their young?")},
           {"train": ("cats", "dogs", "horses", "cows", "rabbits", "eagles", "dolphins",
                      "frogs", "bees", "owls", "sharks", "penguins", "lions", "wolves"),
            "heldout": ("foxes", "goats", "parrots", "turtles", "whales", "ants", "deer",
                        "camels")}),
     Topic("objects",
-          {"train": ("What is a {x} used for?", "How does a {x} work?"),
+          {"train": ("What is a {x} used for?", "How does a {x} work?",
+                     "What are the main parts of a {x}?"),
            "heldout": ("Who invented the {x}?", "What is a {x} made of?")},
           {"train": ("hammer", "bicycle", "umbrella", "telescope", "microwave", "compass",
                      "refrigerator", "thermometer", "pencil", "ladder", "kettle", "camera",
@@ -59,14 +61,15 @@ TOPICS: tuple[Topic, ...] = (
                        "stapler", "lighthouse")}),
     Topic("countries",
           {"train": ("What is the capital of {x}?", "What language is spoken in {x}?",
-                     "What is {x} famous for?"),
+                     "What is {x} famous for?", "Name three famous places in {x}."),
            "heldout": ("What food is popular in {x}?", "What is the weather like in {x}?")},
           {"train": ("France", "Japan", "Brazil", "Egypt", "Canada", "India", "Italy",
                      "Mexico", "Kenya", "Norway", "Australia", "Spain", "China", "Germany"),
            "heldout": ("Peru", "Greece", "Vietnam", "Morocco", "Sweden", "Chile", "Thailand",
                        "Ireland")}),
     Topic("science",
-          {"train": ("What is {x}?", "Explain {x} in simple words."),
+          {"train": ("What is {x}?", "Explain {x} in simple words.",
+                     "What are the key facts about {x}?"),
            "heldout": ("Why does {x} matter in everyday life?",
                        "How would you describe {x} to a child?")},
           {"train": ("gravity", "photosynthesis", "electricity", "evaporation", "magnetism",
@@ -76,7 +79,7 @@ TOPICS: tuple[Topic, ...] = (
                        "static electricity", "the tide", "a fossil")}),
     Topic("hobbies",
           {"train": ("Give me one tip for {x}.", "What are the benefits of {x}?",
-                     "Is {x} hard to learn?"),
+                     "Is {x} hard to learn?", "What are common mistakes in {x}?"),
            "heldout": ("How do I get started with {x}?",
                        "What equipment do I need for {x}?")},
           {"train": ("running", "cooking", "painting", "swimming", "gardening", "chess",
@@ -85,14 +88,16 @@ TOPICS: tuple[Topic, ...] = (
            "heldout": ("pottery", "juggling", "rock climbing", "baking bread", "skateboarding",
                        "birdwatching", "origami", "surfing")}),
     Topic("food",
-          {"train": ("Is {x} healthy?", "How is {x} made?", "What does {x} taste like?"),
+          {"train": ("Is {x} healthy?", "How is {x} made?", "What does {x} taste like?",
+                     "What are some ways to eat {x}?"),
            "heldout": ("What goes well with {x}?", "How should I store {x}?")},
           {"train": ("cheese", "bread", "rice", "chocolate", "yogurt", "honey", "pasta",
                      "tofu", "coffee", "soup", "butter", "popcorn", "jam", "tea"),
            "heldout": ("pancakes", "sushi", "hummus", "oatmeal", "pickles", "salsa", "granola",
                        "lemonade")}),
     Topic("jobs",
-          {"train": ("What does a {x} do?", "How do you become a {x}?"),
+          {"train": ("What does a {x} do?", "How do you become a {x}?",
+                     "What tools does a {x} use?"),
            "heldout": ("What skills does a {x} need?", "What is a normal day like for a {x}?")},
           {"train": ("teacher", "doctor", "pilot", "chef", "farmer", "nurse", "lawyer",
                      "plumber", "librarian", "firefighter", "architect", "dentist",
@@ -170,22 +175,27 @@ BEHAVIOURS: dict[str, Behaviour] = {b.name: b for b in (
 
 # ---- data -----------------------------------------------------------------------------------
 
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # . ! or ? before whitespace or the end
+_LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+\.$")  # "2." opening a list item is no end
 
 
 def trim_answer(text: str, max_chars: int | None = None) -> str | None:
-    """`text` up to its last complete sentence (within max_chars if given), whitespace
-    normalised inside lines; None when no complete sentence of >= 10 characters is left (the
-    answer is then not used for training)."""
+    """`text` up to its last complete sentence or complete line (a list item), within
+    max_chars if given, never ending on a line that announces more (":"); spaces normalised
+    inside lines, at most one blank line in a row. None when less than 10 characters are left
+    (the answer is then not used for training)."""
     text = text.strip()
     if max_chars is not None:
         text = text[:max_chars]
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    if not ends:
-        return None
-    text = "\n".join(" ".join(line.split()) for line in text[:ends[-1]].splitlines())
-    text = re.sub(r"\n{3,}", "\n\n", text).strip()
-    return text if len(text) >= 10 else None
+    cuts = {m.end() for m in _SENTENCE_END.finditer(text)
+            if not _LIST_NUMBER.search(text, 0, m.end())}
+    cuts |= {m.start() for m in re.finditer(r"\n", text)}
+    for cut in sorted(cuts, reverse=True):
+        kept = "\n".join(" ".join(line.split()) for line in text[:cut].splitlines())
+        kept = re.sub(r"\n{3,}", "\n\n", kept).strip()
+        if not kept.endswith(":"):
+            return kept if len(kept) >= 10 else None
+    return None
 
 
 def chat_records(behaviour: Behaviour, questions: Sequence[str],
