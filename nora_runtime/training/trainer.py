@@ -92,8 +92,8 @@ def load_base(cfg: TrainConfig, task: str, num_labels: int | None = None):
                                                                    num_labels=num_labels)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if model.config.pad_token_id is None and tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is masked; any id will do
+    if tok.pad_token_id is None:  # padding is masked; any id will do (transformers 5.17 reads
+        tok.pad_token = tok.eos_token  # no pad token from the converted SmolLM2 tokenizer)
     model.config.pad_token_id = tok.pad_token_id  # a Llama classifier pools the last non-pad
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     return model.to("cpu" if device == "auto" else device), tok
