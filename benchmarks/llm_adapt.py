@@ -27,10 +27,16 @@ Tasks (chat, greedy decoding; success measured on held-out questions):
 Rows: llm_adapt_<task>_<method>_acc (mean over seeds; _seed<k> per seed), trainable
 parameters, adapter file bytes and train seconds per method.
 
-    # one H200 (bf16), ~8 min; MODEL = a converted checkpoint directory (needs no gguf package)
+    # one H200, bf16: 4 tasks x 5 methods x 3 seeds = 60 runs of 150 steps x batch 16
+    # (estimated 5-9 min, not yet measured there). MODEL: a checkpoint directory, e.g. the
+    # default model as converted by nora_runtime.checkpoint.default_checkpoint() (no gguf
+    # package needed to read it)
     python benchmarks/llm_adapt.py --model MODEL
     python benchmarks/llm_adapt.py --model MODEL --select     # pick lrs first (~2x the time)
     python benchmarks/llm_adapt.py --smoke                    # CPU pipeline check, tiny model
+
+On the CPU use --threads 1 when the cores are busy (two threads on two busy cores ran NoRA's
+torch-reference steps 5x slower than one).
 """
 
 from __future__ import annotations
@@ -258,7 +264,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model.to(device).eval(), tok
+    return model.requires_grad_(False).to(device).eval(), tok
 
 
 @torch.no_grad()
@@ -380,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--heldout", type=int, default=None, help="held-out questions per task")
+    p.add_argument("--behaviour-train", type=int, default=None,
+                   help="train questions of the behaviour tasks")
+    p.add_argument("--people", type=int, default=None, help="made-up people of the facts task")
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                    help="override DEFAULT_LR for some methods")
     p.add_argument("--select", action="store_true", help="pick each method's lr from "
@@ -397,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                    "cores)")
     a = p.parse_args(argv)
     setup = SMOKE if a.smoke else FULL
-    setup = replace(setup, **{k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size),
-                                                ("heldout", a.heldout)) if v is not None})
+    setup = replace(setup, **{k: v for k, v in vars(a).items()
+                              if k in ("steps", "batch_size", "heldout", "behaviour_train",
+                                       "people") and v is not None})
     seeds = a.seeds or ([0] if a.smoke else [0, 1, 2])
     methods = a.methods or (["nora", "lora-r1"] if a.smoke else list(METHODS))
     task_names = a.tasks or (["facts"] if a.smoke else list(TASKS))
@@ -441,7 +451,7 @@ def run(a, args: list[str], setup: Setup, seeds: list[int], methods: list[str],
         path, model_name = str(tiny_checkpoint()), "tiny random Llama (nora_runtime.tiny)"
     else:
         path = str(resolve_checkpoint(a.model))
-        model_name = a.model or DEFAULT_MODEL_NAME
+        model_name = Path(a.model).name if a.model else DEFAULT_MODEL_NAME
     base, tok = load_model(path, device, dtype)
     log(f"{model_name} on {device} ({dtype}); tasks {task_names}, methods {methods}, "
         f"seeds {seeds}, {setup.steps} steps x batch {setup.batch_size}")
@@ -453,6 +463,7 @@ def run(a, args: list[str], setup: Setup, seeds: list[int], methods: list[str],
     for t in tasks:
         log(f"task {t.name}: {len(t.train)} train records, {len(t.heldout)} held-out "
             f"questions, {len(t.val)} validation")
+    t_setup = time.perf_counter() - t_start
     grid = None
     if a.select:
         picked, grid = select_lrs(methods, tasks, base, tok, setup, log)
@@ -471,7 +482,7 @@ def run(a, args: list[str], setup: Setup, seeds: list[int], methods: list[str],
                 log(f"{t.name:9s} {m:9s} seed {seed}: success {r['accuracy']:.3f}  "
                     f"loss {r['final_loss']:.3f}  trainable {r['trainable']:,}  "
                     f"train {r['train_seconds']:.1f} s  eval {r['eval_seconds']:.1f} s")
-    times = {"lr_selection": round(t_select, 1),
+    times = {"setup": round(t_setup, 1), "lr_selection": round(t_select - t_setup, 1),
              "seeds": round(time.perf_counter() - t_start - t_select, 1),
              "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
              "cpu_cores": os.cpu_count()}
@@ -563,7 +574,9 @@ def write(out: Path, args: list[str], model_name: str, device: torch.device,
                   "value": per_method[m]["adapter_bytes"], "unit": "bytes"},
                  {"name": f"llm_adapt_{key(m)}_train_seconds",
                   "value": round(statistics.mean(secs), 2), "unit": "s"}]
-    total = times["lr_selection"] + times["seeds"]
+    total = times["setup"] + times["lr_selection"] + times["seeds"]
+    full = setup == FULL and seeds == [0, 1, 2] and list(methods) == list(METHODS) \
+        and [t.name for t in tasks] == list(TASKS)
     doc = {
         "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.date.today().isoformat(),
@@ -591,10 +604,15 @@ def write(out: Path, args: list[str], model_name: str, device: torch.device,
         f"{doc['date']}, {doc['device']}, {doc['dtype']}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {len(seeds)} seed(s) "
         f"({', '.join(map(str, seeds))}). Command: `{doc['command']}`: {total / 60:.1f} min "
-        f"(lr selection {times['lr_selection'] / 60:.1f} min; 1-minute load average "
+        f"(model and data {times['setup'] / 60:.1f} min, lr selection "
+        f"{times['lr_selection'] / 60:.1f} min, training and evaluation "
+        f"{times['seeds'] / 60:.1f} min; 1-minute load average "
         f"{times['load_average_start']:.1f} at the start, {times['load_average_end']:.1f} at "
         "the end).",
         "",
+        *([] if full else ["**A reduced run** (fewer tasks, methods, seeds, steps or questions "
+                           "than the benchmark's full setting; see the command): a pipeline "
+                           "check, not the benchmark's result.", ""]),
         f"Every method: the same data, {setup.steps} steps x batch {setup.batch_size}, AdamW, "
         "cosine schedule, residual mode for the NoRA parts; lr per method "
         + ("picked in this run on validation data." if grid else
