@@ -104,8 +104,8 @@ class Setup:
 
     steps: int = 150
     batch_size: int = 16
-    behaviour_train: int = 216  # train-split questions trained on (of 252)
-    behaviour_val: int = 36  # the other train-split questions: validation for --select
+    behaviour_train: int = 300  # train-split questions trained on (of 350)
+    behaviour_val: int = 50  # the other train-split questions: validation for --select
     heldout: int = 64  # held-out questions per task (behaviours: of 112)
     people: int = 32  # facts: made-up people (x 2 attributes x 3 train phrasings)
     val: int = 32  # facts: validation questions (a fifth and sixth phrasing) for --select
@@ -217,6 +217,9 @@ def behaviour_tasks(names: list[str], model, tok, setup: Setup, work: Path | Non
     pool = behaviour_questions("train", setup.behaviour_train + setup.behaviour_val, DATA_SEED)
     train_qs, val_qs = pool[:setup.behaviour_train], pool[setup.behaviour_train:]
     answers = base_answers(model, tok, train_qs, setup, work, log)
+    if all(a is None for a in answers):
+        raise ValueError("the base model gave no usable answer (no complete sentence) to any "
+                         "train question: the behaviour tasks need a real chat model")
     heldout_qs = behaviour_questions("heldout", setup.heldout, DATA_SEED)
     tasks = []
     for name in names:
