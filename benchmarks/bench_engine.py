@@ -43,11 +43,11 @@ from transformers import LlamaConfig
 
 from nora_runtime.adapter import NoraAdapter, adapter_to_bytes
 from nora_runtime.config import EngineConfig
-from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.engine import Engine
 from nora_runtime.model_runner import ModelRunner
 from nora_runtime.rational import base_coefficients
 from nora_runtime.sampling import SamplingParams, sample
+from nora_runtime.tiny import byte_tokenizer
 
 CTX = 512
 THROUGHPUT = (256, 128, 128)  # requests, prompt tokens, new tokens

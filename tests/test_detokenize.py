@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
+from nora_runtime.tiny import byte_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 🦊🐶",

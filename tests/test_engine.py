@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from nora_runtime.adapter import AdapterFormatError, NoraAdapter, adapter_to_bytes
 from nora_runtime.config import EngineConfig
 from nora_runtime.convert import convert_model
-from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.engine import Engine, TokenEvent
 from nora_runtime.rational import base_coefficients
 from nora_runtime.registry import AdapterNotFound, RegistryFull
 from nora_runtime.sampling import SamplingParams
+from nora_runtime.tiny import byte_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
 PROMPTS = ["Hello", "abc def", "xyz", "the cat", "nora", "0123", "tenant"]

@@ -17,8 +17,8 @@ from transformers import (
 
 from nora_runtime.config import EngineConfig
 from nora_runtime.convert import convert_model
-from nora_runtime.tiny import byte_tokenizer
 from nora_runtime.model_runner import ModelRunner
+from nora_runtime.tiny import byte_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

@@ -25,9 +25,9 @@ from nora_proto.v1 import nora_pb2
 from nora_runtime.adapter import LoraWeights, adapter_to_bytes, save_adapter
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
+from nora_runtime.tiny import random_adapter, tiny_checkpoint
 from nora_server.app import SERVICE_NAME, NoraServer
 from nora_server.config import ServerConfig
-from nora_runtime.tiny import random_adapter, tiny_checkpoint
 
 PROMPT = "Hello, nora"
 SHORT = dict(max_new_tokens=12, ignore_eos=True)
