@@ -95,6 +95,7 @@ def test_chat_messages_loss_only_on_assistant_turns(tok):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint())
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
             {"role": "user", "content": "ok"}, {"role": "assistant", "content": "bye"}]
+    tok.chat_template = None  # a base model's tokenizer
     with pytest.raises(ValueError, match="chat template"):
         D.encode_causal({"messages": msgs}, tok, 256)
     tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}</s>"
