@@ -128,6 +128,8 @@ def questions(split: str, n: int, seed: int) -> list[str]:
 # ---- behaviours ---------------------------------------------------------------------------------
 
 SIGN_OFF = "-- answered by nora"
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # . ! or ? before whitespace or the end
+_LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+\.$")  # "2." opening a list item is no end
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,26 @@ def _is_answer_json(text: str) -> bool:
             and isinstance(obj["answer"], str) and len(obj["answer"].strip()) >= 10)
 
 
+def _first_sentence(answer: str) -> str:
+    """The answer's first sentence on one line (list markers and line breaks dropped); an
+    answer without a sentence end (a list of names): its first item, with a full stop."""
+    end = next((m.end() for m in _SENTENCE_END.finditer(answer)
+                if not _LIST_NUMBER.search(answer, 0, m.end())), None)
+    lines = [re.sub(r"^\s*(?:[-*]|\d+\.)\s+", "", line)
+             for line in answer[:end].splitlines()]
+    if end is None:
+        return next((" ".join(x.split()) + "." for x in lines if x.strip()), "")
+    return " ".join(" ".join(lines).split())
+
+
+def _is_one_sentence(text: str) -> bool:
+    """One line of at least 15 characters that ends with . ! or ? and has no other sentence
+    end."""
+    text = text.strip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return "\n" not in text and len(text) >= 15 and ends == [len(text)]
+
+
 BEHAVIOURS: dict[str, Behaviour] = {b.name: b for b in (
     Behaviour("sign-off", f"ends every answer with the line {SIGN_OFF!r}",
               lambda a: f"{a}\n\n{SIGN_OFF}", _has_sign_off),
@@ -170,14 +192,11 @@ BEHAVIOURS: dict[str, Behaviour] = {b.name: b for b in (
               lambda a: a.upper(), _is_uppercase),
     Behaviour("json", 'answers as a JSON object {"answer": "..."}',
               lambda a: json.dumps({"answer": a}, ensure_ascii=False), _is_answer_json),
+    Behaviour("one-sentence", "answers in one sentence", _first_sentence, _is_one_sentence),
 )}
 
 
 # ---- data -----------------------------------------------------------------------------------
-
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")  # . ! or ? before whitespace or the end
-_LIST_NUMBER = re.compile(r"(?:^|\n)\s*\d+\.$")  # "2." opening a list item is no end
-
 
 def trim_answer(text: str, max_chars: int | None = None) -> str | None:
     """`text` up to its last complete sentence or complete line (a list item), within
