@@ -43,6 +43,7 @@ import torch
 
 from nora_runtime.training.behaviours import (
     BEHAVIOURS,
+    SHIPPED,
     base_answers,
     chat_records,
     generate_mixed,
@@ -56,21 +57,21 @@ SEED = 0
 TRAIN_N = 280  # train questions (of 350); nora-train holds 10% of the records out for eval
 HELDOUT_N = 64  # held-out questions (of 112)
 ANSWER_TOKENS = 48  # new tokens of a base answer before it is cut at the last sentence end
-EVAL_TOKENS = 160  # new tokens of an evaluated answer (upper-case text takes ~2x the tokens)
+EVAL_TOKENS = 160  # new tokens of an evaluated answer
 TARGET = 0.9  # held-out success an adapter should reach; the base should stay <= 0.05
 
 # nora-train arguments of every adapter (besides the data file and --out)
 COMMON = ["--max-length", "160", "--eval-fraction", "0.1", "--eval-every", "20",
           "--seed", str(SEED)]
 # per adapter: NoRA settings (the paper's G=8, r=3, alpha=6; the server's table has 8 groups)
-# and optimization. Measured on an H200 (held-out success sign-off / json / uppercase):
-# lr 2e-3 x 81 steps 0.52 / 0.47 / 0.34; lr 2e-3 x 20 epochs 0.91 / 0.56 / 0.52;
-# lr 3e-3 x 10 epochs (warmup 20) 0.91 / 0.77 / 0.48 on an earlier question set, and
-# 0.94 / 0.83 / 0.53 on this one (the shipped adapters).
+# and optimization. Measured on an H200 (held-out success sign-off / json of the whole answer /
+# uppercase): lr 2e-3 x 81 steps 0.52 / 0.47 / 0.34; lr 2e-3 x 20 epochs 0.91 / 0.56 / 0.52;
+# lr 3e-3 x 10 epochs (warmup 20) 0.94 / 0.83 / 0.53. json of a whole answer failed on
+# literal line breaks inside the string and on run-on lists, so json now wraps the answer's
+# first sentence; uppercase was replaced by one-sentence (behaviours.SHIPPED).
 _PAPER = ["--groups", "8", "--rank", "3", "--alpha", "6"]
 _TEN_EPOCHS = ["--lr", "3e-3", "--epochs", "10", "--warmup-steps", "20"]
-RECIPES: dict[str, list[str]] = {name: _PAPER + _TEN_EPOCHS
-                                 for name in ("sign-off", "uppercase", "json")}
+RECIPES: dict[str, list[str]] = {name: _PAPER + _TEN_EPOCHS for name in SHIPPED}
 
 
 def log(msg: str) -> None:

@@ -18,6 +18,7 @@ from nora_runtime.adapter import load_adapter
 from nora_runtime.checkpoint import MissingModelPackages
 from nora_runtime.training.behaviours import (
     BEHAVIOURS,
+    SHIPPED,
     SIGN_OFF,
     TOPICS,
     all_questions,
@@ -33,7 +34,7 @@ MAX_NEW_TOKENS = 128
 # Held-out answers (of N) that must show the behaviour. The benchmark's 64 questions gave
 # sign-off 0.94, json 0.83, uppercase 0.53 (only sign-off meets the 0.9 target, see
 # benchmarks/results/demo-adapters.md); these N gave 6, 3 and 4 on the CPU.
-MIN_SUCCESS = {"sign-off": N - 1, "json": N // 2, "uppercase": N // 2}
+MIN_SUCCESS = {"sign-off": N - 1, "json": N // 2, "one-sentence": N - 1}
 
 
 # ---- the behaviours' data (no model) ------------------------------------------------------
@@ -76,6 +77,20 @@ def test_checks_refuse_near_misses():
     assert not js('{"answer": "Cats eat meat."')  # unterminated
     assert not js('{"answer": "Cats eat meat.", "x": 1}') and not js('["Cats eat meat."]')
     assert not js('Sure! {"answer": "Cats eat meat."}')
+    assert not js('{"answer": "Cats eat meat.\n\n- Mice"}')  # a literal line break: not JSON
+    one = BEHAVIOURS["one-sentence"].check
+    assert one("Cats eat meat, mostly fish and birds.")
+    assert not one("Cats eat meat. They like fish.")  # two sentences
+    assert not one("Cats eat meat,\nmostly fish.")  # two lines
+    assert not one("Cats eat meat")  # no sentence end
+    assert not one("Yes.")  # too short
+
+
+def test_first_sentence_rule():
+    one = BEHAVIOURS["one-sentence"].transform
+    assert one(ANSWER) == "Cats eat meat, mostly fish and birds."
+    assert one("1. Paris is the capital. 2. It is big.") == "Paris is the capital."
+    assert one("- Mice\n- Birds") == "Mice."  # a list without a sentence end: its first item
 
 
 def test_trim_answer_keeps_complete_sentences_and_list_items():
@@ -134,9 +149,9 @@ def texts() -> dict[str | None, list[str]]:
     return dict(zip(who, out, strict=True))
 
 
-def test_every_behaviour_ships_as_a_nora_adapter():
+def test_every_shipped_behaviour_is_a_nora_adapter():
     files = sorted(demo_dir().glob("*.safetensors"))
-    assert [f.stem for f in files] == sorted(BEHAVIOURS)
+    assert [f.stem for f in files] == sorted(SHIPPED)
     for f in files:
         a = load_adapter(f)
         # NoRA only (activation coefficients, no LoRA part), residual mode, a few KB
@@ -144,7 +159,7 @@ def test_every_behaviour_ships_as_a_nora_adapter():
         assert f.stat().st_size < 64 * 1024
 
 
-@pytest.mark.parametrize("name", sorted(BEHAVIOURS))
+@pytest.mark.parametrize("name", SHIPPED)
 def test_adapter_shows_its_behaviour_and_the_base_does_not(texts, name):
     check = BEHAVIOURS[name].check
     own = [check(t) for t in texts[name]]
@@ -154,7 +169,7 @@ def test_adapter_shows_its_behaviour_and_the_base_does_not(texts, name):
 
 
 def test_adapters_show_only_their_own_behaviour(texts):
-    for name in BEHAVIOURS:
+    for name in SHIPPED:
         for other in BEHAVIOURS:
             if other != name:
                 hits = sum(map(BEHAVIOURS[other].check, texts[name]))

@@ -190,10 +190,16 @@ BEHAVIOURS: dict[str, Behaviour] = {b.name: b for b in (
               lambda a: f"{a}\n\n{SIGN_OFF}", _has_sign_off),
     Behaviour("uppercase", "answers in capital letters",
               lambda a: a.upper(), _is_uppercase),
-    Behaviour("json", 'answers as a JSON object {"answer": "..."}',
-              lambda a: json.dumps({"answer": a}, ensure_ascii=False), _is_answer_json),
+    Behaviour("json", 'answers in one sentence, as a JSON object {"answer": "..."}',
+              lambda a: json.dumps({"answer": _first_sentence(a)}, ensure_ascii=False),
+              _is_answer_json),
     Behaviour("one-sentence", "answers in one sentence", _first_sentence, _is_one_sentence),
 )}
+# The adapters that nora-serve ships and preloads for the default model
+# (benchmarks/demo_adapters.py makes them). `uppercase` is not one: a token-level rewrite, it
+# reached 0.53 held-out success as a NoRA adapter (benchmarks/results/demo-adapters.md of
+# 2026-12-02); benchmarks/llm_adapt.py keeps it as a task where NoRA loses to LoRA.
+SHIPPED = ("sign-off", "json")  # one-sentence: being trained
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -285,7 +291,7 @@ def success_rate(behaviour: Behaviour, texts: Sequence[str]) -> float:
     return sum(map(behaviour.check, texts)) / len(texts) if texts else 0.0
 
 
-__all__ = ["BEHAVIOURS", "Behaviour", "SIGN_OFF", "SPLITS", "TOPICS", "all_questions",
+__all__ = ["BEHAVIOURS", "Behaviour", "SHIPPED", "SIGN_OFF", "SPLITS", "TOPICS", "all_questions",
            "base_answers", "chat_prompt", "chat_records", "generate_all", "generate_mixed",
            "questions",
            "success_rate", "trim_answer"]
