@@ -28,7 +28,12 @@ class EngineConfig:
     # CPU: KV cache size in tokens; None: sized from the model and available memory
     # (model_runner.cpu_kv_tokens)
     kv_cache_tokens_cpu: int | None = None
-    tenant_share: float = 0.5  # while others wait, one adapter holds at most this share of seats
+    tenant_share: float = 0.5  # while others wait, one tenant holds at most this share of seats
+    # admission passes over a waiting prompt whose KV blocks do not fit for at most this long
+    # (smaller ones behind it go first), then waits for it (scheduler.py)
+    admission_skip_seconds: float = 2.0
+    kv_watermark: float = 0.01  # fraction of KV blocks that admission leaves free for decodes
+    max_consecutive_step_failures: int = 3  # then the engine stops (health NOT_SERVING)
     cuda_graphs: bool = True  # capture decode steps on GPU at bucketed batch sizes
     seed: int = 0  # for requests without a seed of their own
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
@@ -49,5 +54,17 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence needs "
+                             "a token of the step's budget to decode")
+        if not (0.0 <= self.admission_skip_seconds < float("inf")):
+            raise ValueError("admission_skip_seconds must be finite and >= 0, got "
+                             f"{self.admission_skip_seconds}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
+        if self.max_consecutive_step_failures < 1:
+            raise ValueError("max_consecutive_step_failures must be >= 1, got "
+                             f"{self.max_consecutive_step_failures}")
         if not 0.0 < self.tenant_share <= 1.0:
             raise ValueError(f"tenant_share must be in (0, 1], got {self.tenant_share}")

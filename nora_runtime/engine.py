@@ -109,7 +109,8 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _Request:
-    seq: Sequence
+    seq: Sequence  # seq.request_id: the engine's key, unique across tenants (_key)
+    request_id: str  # the caller's id, unique within its tenant
     params: SamplingParams
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
@@ -194,12 +195,15 @@ class Engine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                adapter: str | bytes | None = None, request_id: str | None = None,
-               deadline: float | None = None,
+               deadline: float | None = None, tenant: str = "",
                on_event: Callable[[TokenEvent], None]) -> str:
         """Queue a request; its events go to `on_event` (on the loop thread). `params`: None =
         the model's defaults (`default_params`, from its generation config). `adapter`: an
         adapter id, or an adapter file's bytes (loaded inline, deduplicated by content).
-        `deadline`: a time.monotonic() after which it ends with "time_limit".
+        `deadline`: a time.monotonic() after which it ends with "time_limit". `tenant`: the
+        caller; request ids are unique per tenant, and the scheduler's fairness guard shares
+        seats between tenants ("": callers that cannot be told apart, so their requests are
+        shared out by adapter instead).
 
         Raises (nothing is queued then) ValueError for a bad prompt or parameters,
         AdapterNotFound for an unknown adapter id, the registry's errors for inline bytes.
@@ -210,21 +214,23 @@ class Engine:
         ids = self._prompt_ids(prompt)
         max_tokens = min(len(ids) + params.max_new_tokens, self.max_model_len)
         request_id = request_id or uuid.uuid4().hex
-        if not isinstance(request_id, str):
-            raise ValueError("request_id must be a string")
+        if not isinstance(request_id, str) or not isinstance(tenant, str):
+            raise ValueError("request_id and tenant must be strings")
+        key = _key(tenant, request_id)
         adapter_id, slot = self._acquire(adapter)
         try:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             gen = None if params.greedy else make_generator(seed, self.runner.device)
-            seq = Sequence(request_id, ids, max_tokens, slot=slot, tenant=adapter_id or "")
-            req = _Request(seq, params, gen, IncrementalDetokenizer(self.tokenizer),
+            share = f"tenant:{tenant}" if tenant else f"adapter:{adapter_id or ''}"
+            seq = Sequence(key, ids, max_tokens, slot=slot, tenant=share)
+            req = _Request(seq, request_id, params, gen, IncrementalDetokenizer(self.tokenizer),
                            StopChecker(params.stop), on_event, deadline, time.monotonic())
             with self._lock:
                 if self._stopping:
                     raise RuntimeError(self.error or "the engine is shutting down")
-                if request_id in self._ids:
+                if key in self._ids:
                     raise ValueError(f"request id {request_id!r} is already in flight")
-                self._ids.add(request_id)
+                self._ids.add(key)
                 self._incoming.append(req)
                 self._lock.notify()
         except BaseException:
@@ -232,24 +238,25 @@ class Engine:
             raise
         return request_id
 
-    def abort(self, request_id: str, reason: str = "abort") -> None:
-        """End a request at the next step boundary (its KV blocks are freed then) with
+    def abort(self, request_id: str, reason: str = "abort", *, tenant: str = "") -> None:
+        """End `tenant`'s request at the next step boundary (its KV blocks are freed then) with
         finish_reason `reason`. Unknown or finished ids are ignored."""
         if reason not in FINISH_REASONS:
             raise ValueError(f"reason must be one of {FINISH_REASONS}, got {reason!r}")
+        key = _key(tenant, request_id)
         with self._lock:
-            if request_id in self._ids:
-                self._aborts.setdefault(request_id, reason)
+            if key in self._ids:
+                self._aborts.setdefault(key, reason)
                 self._lock.notify()
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                  adapter: str | bytes | None = None, request_id: str | None = None,
-                 deadline: float | None = None) -> Iterator[TokenEvent]:
+                 deadline: float | None = None, tenant: str = "") -> Iterator[TokenEvent]:
         """Submit and yield the request's events until the last one. Closing the iterator early
         aborts the request. Needs a started engine."""
         events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
-                          deadline=deadline, on_event=events.put)
+                          deadline=deadline, tenant=tenant, on_event=events.put)
         done = False
         try:
             while not done:
@@ -258,12 +265,12 @@ class Engine:
                 yield event
         finally:
             if not done:
-                self.abort(rid)
+                self.abort(rid, tenant=tenant)
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
                              *, adapter: str | bytes | None = None,
-                             request_id: str | None = None,
-                             deadline: float | None = None) -> AsyncIterator[TokenEvent]:
+                             request_id: str | None = None, deadline: float | None = None,
+                             tenant: str = "") -> AsyncIterator[TokenEvent]:
         """`generate` for asyncio; cancelling or closing the iterator aborts the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -274,7 +281,7 @@ class Engine:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
-                          deadline=deadline, on_event=put)
+                          deadline=deadline, tenant=tenant, on_event=put)
         done = False
         try:
             while not done:
@@ -283,7 +290,7 @@ class Engine:
                 yield event
         finally:
             if not done:
-                self.abort(rid)
+                self.abort(rid, tenant=tenant)
 
     # ---- adapters -----------------------------------------------------------------------------
 
@@ -327,12 +334,13 @@ class Engine:
                 self._incoming, self._ids = [], set()
             for req in pending:
                 seq = req.seq
-                self._deliver(req, TokenEvent(seq.request_id, (), "", None, "error", error,
+                self._deliver(req, TokenEvent(req.request_id, (), "", None, "error", error,
                                               len(seq.prompt_ids), len(seq.output_ids)))
 
     def _run(self) -> None:
         if self.runner.device.type == "cuda":
             torch.cuda.set_device(self.runner.device)
+        failures = 0  # consecutive failed steps
         while True:
             with self._lock:
                 while not (self._incoming or self._aborts or self._live or self._stopping):
@@ -362,12 +370,20 @@ class Engine:
                 continue
             try:
                 self._step(batch)
-            except Exception as exc:  # a failed step ends its requests, not the server
+            except Exception as exc:  # a failed step ends its requests, not the server ...
                 log.exception("engine step failed")
                 for seq in batch.seqs:
                     if seq.request_id in self._live:
                         self._finish(self._live[seq.request_id], "error",
                                      error=f"{type(exc).__name__}: {exc}")
+                failures += 1
+                if failures >= self.config.max_consecutive_step_failures:
+                    # ... unless steps keep failing (a broken device): then the engine stops,
+                    # health says NOT_SERVING and nora-serve exits for a restart
+                    raise RuntimeError(f"{failures} steps in a row failed, the last with "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            else:
+                failures = 0
 
     def _step(self, batch: ScheduledBatch) -> None:
         self._steps += 1
@@ -412,7 +428,7 @@ class Engine:
         if by_string:
             reason = "stop"
         queued = req.queue_seconds if n_out == 1 else None
-        event = TokenEvent(seq.request_id, (token,), text,
+        event = TokenEvent(req.request_id, (token,), text,
                            (logprob,) if params.logprobs and logprob is not None else None,
                            reason, None, len(seq.prompt_ids), n_out, queued)
         if reason is not None:
@@ -431,7 +447,7 @@ class Engine:
         with self._lock:
             self._ids.discard(seq.request_id)
         if event is None:
-            event = TokenEvent(seq.request_id, (), "", None, reason, error,
+            event = TokenEvent(req.request_id, (), "", None, reason, error,
                                len(seq.prompt_ids), len(seq.output_ids))
         self._deliver(req, event)
 
@@ -440,14 +456,14 @@ class Engine:
         self.registry.release(seq.slot)
         with self._lock:
             self._ids.discard(seq.request_id)
-        self._deliver(req, TokenEvent(seq.request_id, (), "", None, "error", error,
+        self._deliver(req, TokenEvent(req.request_id, (), "", None, "error", error,
                                       len(seq.prompt_ids), 0))
 
     def _deliver(self, req: _Request, event: TokenEvent) -> None:
         try:
             req.on_event(event)
         except Exception:  # one bad callback must not stop the loop for everyone
-            log.exception("event callback of request %s failed", event.request_id)
+            log.exception("event callback of request %r failed", event.request_id)
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -489,6 +505,12 @@ class Engine:
         # evicted between load_inline and acquire (every other slot busy): load it again
         adapter_id = self._adapter_id(adapter)
         return adapter_id, self.registry.acquire(adapter_id)
+
+
+def _key(tenant: str, request_id: str) -> str:
+    """The engine's key of a tenant's request id: distinct tenants never share a key (the
+    tenant's length comes first, so no choice of names can make two keys equal)."""
+    return f"{len(tenant)}:{tenant}/{request_id}"
 
 
 def _eos_ids(checkpoint: Path, hf_config, tokenizer) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ Requests join (`add`) and leave (`finish`, `abort`) between steps. One step, in 
 3. Admission: waiting seqs, first come first served, while the token budget
    (max_num_batched_tokens), the seats (max_num_seqs) and free KV blocks allow. A prompt longer
    than the budget left is chunked (chunked prefill): it computes what fits now, the rest in
-   later steps (2.).
+   later steps (2.). Admission leaves a watermark of free blocks (kv_watermark of the cache)
+   for running seqs to grow into, unless nothing runs.
 
 KV blocks. Admission reserves blocks for every known token of the seq at once, so a chunked
 prefill never stalls halfway for lack of blocks; after that a seq grows by one block every
@@ -24,8 +25,10 @@ block_size decoded tokens. When a decode needs a block and none is free, the new
 output_ids are kept) and it returns to the front of the waiting queue, to recompute prompt and
 output as one prefill when readmitted. The oldest running seq can therefore always grow (`add`
 rejects a request whose full length exceeds the whole cache), so every request finishes.
-Admission stops at the first waiting seq whose blocks do not fit, so a long prompt (or a
-preempted seq, back at the front) is not starved by short ones behind it.
+A waiting seq whose blocks do not fit is skipped, and smaller ones behind it are admitted, for
+at most admission_skip_seconds from the first time it did not fit; after that admission stops
+at it until it fits, so a long prompt (or a preempted seq, back at the front) holds back the
+others for a bounded time at most and is never starved by them.
 
 Fairness guard. While requests of other tenants are waiting, one tenant may hold at most
 max(1, int(tenant_share * max_num_seqs)) running seats; its waiting requests are skipped (kept
@@ -110,13 +113,14 @@ class Sequence:
     prompt_ids: list[int]
     max_tokens: int  # cap on prompt + generated tokens: the total length the seq may reach
     slot: int = 0  # coefficient-table slot of its adapter (0 = base), acquired by the engine
-    tenant: str = ""  # adapter id ("" = base model): the unit of the fairness guard
+    tenant: str = ""  # the unit of the fairness guard (the engine: the caller's tenant)
     arrival: float = field(default_factory=time.monotonic)  # FCFS and preemption order
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    blocked_since: float | None = None  # when admission first found its blocks did not fit
 
     @property
     def num_tokens(self) -> int:
@@ -219,6 +223,8 @@ class Scheduler:
         self.preemptions = 0  # total, for metrics
         self._live: dict[str, Sequence] = {}
         self._seat_cap = max(1, int(config.tenant_share * config.max_num_seqs))
+        self._watermark = int(config.kv_watermark * num_blocks)  # blocks admission leaves free
+        self.clock = time.monotonic  # replaceable in tests
         self._running_per_tenant: Counter[str] = Counter()
         self._waiting_per_tenant: Counter[str] = Counter()  # keys = tenants that have waiters
 
@@ -371,8 +377,11 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             need = seq.blocks_needed(seq.num_pending, self.config.block_size)
-            if not self.allocator.can_allocate(need):
-                self.waiting.appendleft(seq)
+            if not self._fits(need):
+                if self._may_skip(seq):
+                    skipped.append(seq)  # smaller ones behind it may fit
+                    continue
+                self.waiting.appendleft(seq)  # waited long enough: hold the blocks for it
                 break
             self._start(seq, need)
             n = min(seq.num_pending, budget)
@@ -381,8 +390,23 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return budget, exhausted
 
+    def _fits(self, need: int) -> bool:
+        """Whether admitting a seq that needs `need` blocks leaves the watermark free (or,
+        with nothing running, whether the blocks are there at all)."""
+        reserve = self._watermark if self.running else 0
+        return self.allocator.num_free - need >= reserve
+
+    def _may_skip(self, seq: Sequence) -> bool:
+        """Whether admission may pass over `seq`, whose blocks do not fit, to smaller seqs
+        behind it: for admission_skip_seconds from the first time it did not fit."""
+        now = self.clock()
+        if seq.blocked_since is None:
+            seq.blocked_since = now
+        return now - seq.blocked_since < self.config.admission_skip_seconds
+
     def _start(self, seq: Sequence, num_blocks: int) -> None:
         """Waiting -> running, with the blocks for all its known tokens."""
+        seq.blocked_since = None
         seq.block_table += self.allocator.allocate(num_blocks)
         seq.status = SeqStatus.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.arrival)

@@ -467,3 +467,80 @@ def test_a_dead_loop_fails_its_requests_and_refuses_new_ones(checkpoint, monkeyp
             e.submit("Hello", GREEDY, on_event=print)
     finally:
         e.shutdown()
+
+
+def test_request_ids_are_scoped_per_tenant(served):
+    """Issue 10 finding 11: reusing another tenant's in-flight request id made one of the two
+    fail. Now ids are unique per tenant: both run, and each tenant's abort reaches only its own
+    request."""
+    long = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+    a = served.generate("Hello", long, request_id="job-1", tenant="alice")
+    b = served.generate("Hello", long, request_id="job-1", tenant="bob")
+    assert next(a).request_id == "job-1" and next(b).request_id == "job-1"
+    with pytest.raises(ValueError, match="already in flight"):
+        served.submit("Hello", GREEDY, request_id="job-1", tenant="alice", on_event=print)
+    served.abort("job-1", tenant="bob")
+    assert [e.finish_reason for e in b][-1] == "abort"
+    second = next(a)  # alice's request runs on
+    assert second.finish_reason is None and len(second.token_ids) == 1
+    a.close()
+
+
+def test_fairness_guard_shares_seats_between_tenants_not_adapters(checkpoint):
+    """Issue 10: the fairness unit was the adapter id, so one caller could take every seat
+    by spreading a burst over many adapters (or share the base with everyone). With two
+    seats and tenant_share 0.5, bob's request takes the seat that frees next, ahead of
+    alice's burst, although it uses the same (base) model as all of hers."""
+    e = make_engine(checkpoint, max_num_seqs=2, tenant_share=0.5)
+    order: list[str] = []
+    done = threading.Event()
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+
+    def submit(rid: str, tenant: str) -> None:
+        def on_event(ev: TokenEvent) -> None:
+            if len(ev.token_ids) and ev.num_output_tokens == 1:
+                order.append(rid)  # first token: admitted
+            if ev.finish_reason and len(order) == 7:
+                done.set()
+        e.submit("Hello", params, request_id=rid, tenant=tenant, on_event=on_event)
+
+    try:
+        for i in range(6):
+            submit(f"a{i}", "alice")
+        submit("b0", "bob")
+        e.start()
+        assert done.wait(TIMEOUT)
+        assert order.index("b0") <= 2, order  # alice holds her one seat, bob gets the other
+    finally:
+        e.shutdown()
+
+
+def test_consecutive_failed_steps_stop_the_engine(checkpoint, monkeypatch):
+    """Issue 10: repeated step failures (a CUDA error, say) never marked the engine unhealthy.
+    One failed step fails its requests only; max_consecutive_step_failures in a row stop the
+    engine (alive False, so health turns NOT_SERVING and nora-serve exits non-zero)."""
+    e = make_engine(checkpoint, max_consecutive_step_failures=2).start()
+    real_forward = e.runner.forward
+    fail_next = [1]
+
+    def flaky(batch):
+        if fail_next[0]:
+            fail_next[0] -= 1
+            raise RuntimeError("device error")
+        return real_forward(batch)
+
+    try:
+        monkeypatch.setattr(e.runner, "forward", flaky)
+        assert alone(e, "Hello", GREEDY).reason == "error"
+        assert e.alive and alone(e, "Hello", GREEDY).reason in ("length", "eos")
+        fail_next[0] = 2
+        assert alone(e, "Hello", GREEDY).reason == "error"
+        assert alone(e, "Hello", GREEDY).reason == "error"
+        end = time.monotonic() + TIMEOUT  # the loop stops right after the failed step's events
+        while e.alive and time.monotonic() < end:
+            time.sleep(0.01)
+        assert not e.alive and "2 steps in a row failed" in e.error
+        with pytest.raises(RuntimeError):
+            e.submit("Hello", GREEDY, on_event=print)
+    finally:
+        e.shutdown()

@@ -26,7 +26,9 @@ from nora_runtime.scheduler import (
 
 
 def config(**kw: object) -> EngineConfig:
-    base = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256, block_size=4)
+    # admission_skip_seconds=0: admission stops at the first seq that does not fit (FCFS)
+    base = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256, block_size=4,
+                admission_skip_seconds=0.0)
     return EngineConfig(**{**base, **kw})
 
 
@@ -131,7 +133,7 @@ def expected_output(s: Sequence) -> list[int]:
 @pytest.mark.parametrize("seats,budget,blocks,bs,tenants,abort_p", [
     (8, 32, 400, 4, 1, 0.0),   # generous KV: no preemption, FCFS admission checked
     (8, 16, 20, 4, 1, 0.0),    # tight KV: preemptions
-    (16, 5, 40, 2, 1, 0.0),    # budget below the seat count: decodes wait their turn
+    (16, 16, 40, 2, 1, 0.0),   # budget equal to the seat count
     (4, 64, 10, 8, 3, 0.0),    # three tenants, tight KV, big blocks
     (8, 24, 30, 4, 4, 0.02),   # tenants and random aborts
 ])
@@ -420,3 +422,66 @@ def test_scheduler_module_does_not_import_torch() -> None:
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     runtime = [m for m in names if m != "nora_runtime.config"]  # only under TYPE_CHECKING
     assert not [m for m in runtime if m.split(".")[0] in ("torch", "triton", "nora_runtime")]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_blocked_long_prompt_lets_small_ones_pass_for_a_bounded_time_only() -> None:
+    """A prompt whose blocks do not fit no longer holds back small prompts that fit (issue 10:
+    "admission stops at the first prompt that does not fit"), but only for
+    admission_skip_seconds: then admission waits for it, so it is never starved."""
+    cfg = config(max_num_seqs=8, max_num_batched_tokens=64, block_size=4,
+                 admission_skip_seconds=5.0, kv_watermark=0.0)
+    sched, runner = make(cfg, 16)  # 64 tokens of KV
+    sched.clock = clock = FakeClock()
+    hog = seq("hog", 40, 8)  # 10 blocks, 12 with its output
+    sched.add(hog)
+    step(sched, runner)
+    long = seq("long", 32, 4)  # 8 blocks: does not fit next to the hog
+    sched.add(long)
+    small = seq("small", 4, 4)
+    sched.add(small)
+    step(sched, runner)
+    assert long.status is SeqStatus.WAITING and small.status is SeqStatus.RUNNING
+    clock.now = 5.0  # long has waited its bounded time: nothing passes it any more
+    late = seq("late", 4, 4)
+    sched.add(late)
+    while long.status is SeqStatus.WAITING:  # the hog's blocks go to long, not late first
+        step(sched, runner)
+        assert late.status is SeqStatus.WAITING or long.status is not SeqStatus.WAITING
+    while sched.has_work:
+        step(sched, runner)
+    assert long.output_ids == expected_output(long) and late.output_ids == expected_output(late)
+
+
+def test_admission_leaves_the_watermark_free_for_running_seqs() -> None:
+    cfg = config(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, kv_watermark=0.25)
+    sched, runner = make(cfg, 16)  # watermark: 4 blocks
+    first = seq("first", 48, 4)  # 12 blocks: admitted, nothing runs yet
+    sched.add(first)
+    step(sched, runner)
+    assert first.status is SeqStatus.RUNNING
+    second = seq("second", 4, 4)  # 1 block would leave 3 < 4 free
+    sched.add(second)
+    step(sched, runner)
+    assert second.status is SeqStatus.WAITING
+    while first.status is not SeqStatus.FINISHED:
+        step(sched, runner)
+    step(sched, runner)
+    assert second.status is not SeqStatus.WAITING
+
+
+def test_config_refuses_a_token_budget_below_the_seats() -> None:
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_seqs=16, max_num_batched_tokens=8)
+    for bad in ({"kv_watermark": 1.0}, {"kv_watermark": -0.1},
+                {"admission_skip_seconds": float("inf")}, {"admission_skip_seconds": -1.0},
+                {"max_consecutive_step_failures": 0}):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)
