@@ -1,6 +1,9 @@
 """Adapter registry: load from file and bytes, mismatches, path escapes, replace and unload
 while requests run, LRU eviction that never takes a slot in use, inline dedupe, a 100,001-slot
-table, and a threaded smoke test of the bookkeeping invariants."""
+table, and a threaded smoke test of the bookkeeping invariants. Issue 10: pinning (inline
+traffic never evicts named adapters, named ones without a store are never evicted), the inline
+budget, inline content ids unusable by id, holds from load to submit, dynamic reload of evicted
+stored adapters, failure-safe install under fault injection, non-regular files refused."""
 
 from __future__ import annotations
 
@@ -61,11 +64,12 @@ def expected(data: bytes, groups: int = GROUPS) -> torch.Tensor:
 
 
 def make_registry(capacity: int = 4, store_dir: Path | None = None, *, sites: int = SITES,
-                  groups: int = GROUPS) -> AdapterRegistry:
-    table = CoefficientTable(base_coefficients("silu"), slots=capacity + 1, groups=groups,
-                             sites=sites)
+                  groups: int = GROUPS, table_type: type = CoefficientTable,
+                  **kw: object) -> AdapterRegistry:
+    table = table_type(base_coefficients("silu"), slots=capacity + 1, groups=groups,
+                       sites=sites)
     return AdapterRegistry(table, fingerprint=FP, mode="residual", act="silu",
-                           store_dir=store_dir)
+                           store_dir=store_dir, **kw)
 
 
 def base_rows(reg: AdapterRegistry) -> torch.Tensor:
@@ -73,13 +77,17 @@ def base_rows(reg: AdapterRegistry) -> torch.Tensor:
 
 
 def check_idle_invariants(reg: AdapterRegistry) -> None:
-    """No slot held: every slot is either some id's (distinct) or free and holding the base."""
-    assert all(info.in_use == 0 for info in reg.list())
-    slots = {info.slot for info in reg.list()}
-    assert len(slots) == len(reg)
-    assert len(reg) + reg.num_free == reg.capacity
+    """No slot held: every slot is either some resident id's (distinct) or free and holding the
+    base; ids not resident (stored, reloaded on use) have slot 0."""
+    infos = reg.list()
+    assert all(info.in_use == 0 for info in infos)
+    slots = {info.slot for info in infos if info.resident}
+    assert len(slots) == sum(info.resident for info in infos)
+    assert all(info.slot == 0 for info in infos if not info.resident)
+    assert len(slots) + reg.num_free == reg.capacity
     for s in set(range(1, reg.capacity + 1)) - slots:
         assert torch.equal(reg.table.data[s], base_rows(reg))
+    assert sum(info.inline for info in infos) <= reg.max_inline
 
 
 def test_load_from_file_and_bytes_writes_merged_coefficients(tmp_path: Path) -> None:
@@ -229,53 +237,61 @@ def test_unload_while_in_use_frees_the_slot_after_release() -> None:
     check_idle_invariants(reg)
 
 
-def test_lru_never_evicts_an_adapter_in_use() -> None:
-    reg = make_registry(capacity=3)
+def test_lru_never_evicts_an_adapter_in_use(tmp_path: Path) -> None:
+    """Stored named adapters: LRU among the idle ones, never one in use; an evicted one stays
+    registered (not resident) and its next acquire reloads it."""
+    reg = make_registry(capacity=3, store_dir=tmp_path)
     data = {k: adapter_bytes(i) for i, k in enumerate("abcdefg")}
     for k in "abc":
         reg.load(k, data[k])
     reg.release(reg.acquire("a"))  # a becomes the most recently used: LRU order b, c, a
     d = reg.load("d", data["d"])  # evicts b
-    assert {i.id for i in reg.list()} == {"a", "c", "d"} and reg.evictions == 1
+    assert {i.id for i in reg.list() if i.resident} == {"a", "c", "d"} and reg.evictions == 1
+    assert not reg.get("b").resident and len(reg) == 4
     assert torch.equal(reg.table.data[d.slot], expected(data["d"]))
     held_c = reg.acquire("c")  # c is now the oldest but held: never evicted
     reg.load("e", data["e"])  # evicts a, the least recently used idle one
-    assert {i.id for i in reg.list()} == {"c", "d", "e"}
+    assert {i.id for i in reg.list() if i.resident} == {"c", "d", "e"}
     held_d, held_e = reg.acquire("d"), reg.acquire("e")
     before = reg.table.data.clone()
+    assert not reg.load("f", data["f"]).resident  # every slot held: registered, not resident
     with pytest.raises(RegistryFull):
-        reg.load("f", data["f"])
+        reg.acquire("f")  # ... and its reload finds no slot either
     with pytest.raises(RegistryFull):
         reg.load_inline(data["g"])
-    assert torch.equal(reg.table.data, before) and reg.evictions == 2 and reg.loads == 5
+    assert torch.equal(reg.table.data, before) and reg.evictions == 2 and reg.loads == 6
     assert torch.equal(reg.table.data[held_c], expected(data["c"]))
     for s in (held_c, held_d, held_e):
         reg.release(s)
-    reg.load("f", data["f"])  # c was released first: it is the LRU now
-    assert {i.id for i in reg.list()} == {"d", "e", "f"}
+    slot_f = reg.acquire("f")  # c was released first: it is the LRU now, and f reloads there
+    assert slot_f == held_c and torch.equal(reg.table.data[slot_f], expected(data["f"]))
+    assert reg.reloads == 1 and {i.id for i in reg.list() if i.resident} == {"d", "e", "f"}
+    reg.release(slot_f)
     check_idle_invariants(reg)
 
 
 def test_inline_dedupe_uses_one_slot() -> None:
-    reg = make_registry(capacity=3)
+    reg = make_registry(capacity=3, max_inline=2)
     data = adapter_bytes(1)
     first = reg.load_inline(data)
     assert first.startswith("sha256:") and len(first) == 71
     assert reg.load_inline(data) == first
     assert len(reg) == 1 and reg.loads == 1 and reg.num_free == 2
     info = reg.get(first)
-    assert info.source == INLINE and torch.equal(reg.table.data[info.slot], expected(data))
+    assert info.source == INLINE and info.inline
+    assert torch.equal(reg.table.data[info.slot], expected(data))
     assert reg.load_inline(adapter_bytes(2)) != first and len(reg) == 2
 
 
 def test_inline_dedupe_refreshes_lru() -> None:
-    reg = make_registry(capacity=2)
+    reg = make_registry(capacity=4, max_inline=2)
     data = adapter_bytes(1)  # serialized once: safetensors' metadata order varies per call
     a = reg.load_inline(data)
-    reg.load("b", adapter_bytes(2))
+    b = reg.load_inline(adapter_bytes(2))
     reg.load_inline(data)  # a used again: b is the LRU now
-    reg.load("c", adapter_bytes(3))
-    assert {i.id for i in reg.list()} == {a, "c"}
+    c = reg.load_inline(adapter_bytes(3))
+    assert {i.id for i in reg.list()} == {a, c} and b != c
+    assert reg.evictions == reg.inline_evictions == 1
 
 
 def test_hundred_thousand_slots() -> None:
