@@ -482,9 +482,12 @@ class AdapterRegistry:
                         continue  # replaced meanwhile: read the new version
                     self._install(adapter_id, coefs, source=record.source,
                                   nbytes=record.nbytes, inline=False, stored=record)
-                    self.reloads += 1
-                    log.info("adapter %s reloaded from the store into slot %d", adapter_id,
-                             entry.slot)
+                    if hold:  # on use, after an eviction (at startup: a load)
+                        self.reloads += 1
+                        log.info("adapter %s reloaded from the store into slot %d",
+                                 adapter_id, entry.slot)
+                    else:
+                        self.loads += 1
                 return self._hold(entry) if hold else None
         raise StoreError(f"adapter {adapter_id!r} was replaced {_RELOAD_TRIES} times while it "
                          "was being reloaded")

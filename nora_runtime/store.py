@@ -130,12 +130,13 @@ class AdapterStore:
         """Make `adapter_id` serve `record` (None: nothing; `unloaded` marks it unloaded
         explicitly) in one durable manifest write. The blob it replaces stays until `collect`."""
         records, gone = dict(self._records), set(self._unloaded)
-        records.pop(adapter_id, None)
         gone.discard(adapter_id)
         if record is not None:
-            records[adapter_id] = record
-        elif unloaded:
-            gone.add(adapter_id)
+            records[adapter_id] = record  # a replace keeps the id's place in the order
+        else:
+            records.pop(adapter_id, None)
+            if unloaded:
+                gone.add(adapter_id)
         self._write_manifest(records, gone)
         self._records, self._unloaded = records, gone
 
