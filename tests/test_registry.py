@@ -313,8 +313,11 @@ def test_hundred_thousand_slots() -> None:
     assert reg.get("t999").tokens == 1
 
 
-def test_threads_keep_the_bookkeeping_consistent() -> None:
-    reg = make_registry(capacity=4)
+@pytest.mark.parametrize("durable", [False, True])
+def test_threads_keep_the_bookkeeping_consistent(tmp_path: Path, durable: bool) -> None:
+    """Durable: loads and unloads also write the store, and acquires reload evicted adapters
+    from it, racing replaces of the same ids."""
+    reg = make_registry(capacity=4, store_dir=tmp_path if durable else None)
     blobs = [adapter_bytes(i) for i in range(4)]
     ids = [f"t{i}" for i in range(6)]
     errors: list[BaseException] = []
@@ -350,7 +353,19 @@ def test_threads_keep_the_bookkeeping_consistent() -> None:
     check_idle_invariants(reg)
     valid = [expected(b) for b in blobs]
     for info in reg.list():  # every id's slot holds one of the adapters that were loaded
-        assert any(torch.equal(reg.table.data[info.slot], v) for v in valid)
+        slot = reg.acquire(info.id) if not info.inline else info.slot
+        assert any(torch.equal(reg.table.data[slot], v) for v in valid)
+        if not info.inline:
+            reg.release(slot)
+    if durable:  # and the store agrees with memory on what each id serves
+        fresh = make_registry(capacity=4, store_dir=tmp_path)
+        assert set(fresh.restore()) == {i.id for i in reg.list() if not i.inline}
+        for info in reg.list():
+            if not info.inline:
+                slot, mine = fresh.acquire(info.id), reg.acquire(info.id)
+                assert torch.equal(fresh.table.data[slot], reg.table.data[mine])
+                fresh.release(slot)
+                reg.release(mine)
 
 
 # ---- issue 10: pinning, inline budget, holds, failure-safe install, regular files -----------
