@@ -20,6 +20,10 @@ class EngineConfig:
     mode: str = "residual"
     groups: int = 8  # rational groups G of the coefficient table
     max_adapters: int = 1024  # adapter slots resident at once (table rows besides the base)
+    # of those, at most this many hold inline adapters (bytes sent with requests, LRU among
+    # themselves; they never evict named adapters). None: max_adapters // 4 (at least 1);
+    # 0: inline adapters are refused
+    max_inline_adapters: int | None = None
     max_num_seqs: int = 256  # cap on running sequences
     max_num_batched_tokens: int = 4096  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 4096  # prompt + generated tokens of one sequence
@@ -52,6 +56,10 @@ class EngineConfig:
                      "max_model_len", "block_size", "kv_cache_tokens_cpu"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_inline_adapters is not None and not (
+                0 <= self.max_inline_adapters <= self.max_adapters):
+            raise ValueError(f"max_inline_adapters must be in [0, max_adapters="
+                             f"{self.max_adapters}], got {self.max_inline_adapters}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.max_num_batched_tokens < self.max_num_seqs:

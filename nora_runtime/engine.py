@@ -43,7 +43,7 @@ from nora_runtime.checkpoint import DEFAULT_MODEL_NAME, resolve_checkpoint
 from nora_runtime.config import EngineConfig
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
 from nora_runtime.model_runner import ModelRunner
-from nora_runtime.registry import AdapterInfo, AdapterNotFound, AdapterRegistry
+from nora_runtime.registry import BASE_SLOT, AdapterHold, AdapterInfo, AdapterRegistry
 from nora_runtime.sampling import (
     SamplingParams,
     finish_reason,
@@ -105,6 +105,9 @@ class EngineStats:
     adapter_loads: int
     adapter_evictions: int
     adapter_load_failures: int
+    adapter_inline_evictions: int = 0  # of adapter_evictions, those of inline adapters
+    adapter_reloads: int = 0  # named adapters reloaded from the store on use after an eviction
+    adapters_registered: int = 0  # ids registered, resident or not
 
 
 @dataclass(eq=False)
@@ -127,10 +130,15 @@ class Engine:
     `start()`ed.
 
     adapter_store: the directory that `load_adapter` may read paths from (None: bytes only).
+    With `durable_adapters` (the default) it also keeps the named adapters' state across
+    restarts (store.py): the engine restores it at construction (`restored_adapters`). Without
+    a store, or with durable_adapters=False (a read-only directory such as the demo adapters'),
+    adapter state is memory-only.
     """
 
     def __init__(self, config: EngineConfig | None = None, *,
-                 adapter_store: str | Path | None = None) -> None:
+                 adapter_store: str | Path | None = None,
+                 durable_adapters: bool = True) -> None:
         self.config = config = config or EngineConfig()
         checkpoint = resolve_checkpoint(config.model)
         self.runner = runner = ModelRunner(config, checkpoint)
@@ -138,7 +146,10 @@ class Engine:
         hf = runner.hf_config
         fingerprint = base_fingerprint(runner.model, runner.act)
         self.registry = AdapterRegistry(runner.table, fingerprint=fingerprint, mode=config.mode,
-                                        act=runner.act, store_dir=adapter_store)
+                                        act=runner.act, store_dir=adapter_store,
+                                        durable=durable_adapters,
+                                        max_inline=config.max_inline_adapters)
+        self.restored_adapters = self.registry.restore()  # [] without a durable store
         self.scheduler = Scheduler(config, runner.num_blocks)
         self.eos_ids = _eos_ids(checkpoint, hf, self.tokenizer)
         # what submit(params=None) uses; the server fills a request's unset fields from it
@@ -194,19 +205,20 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-               adapter: str | bytes | None = None, request_id: str | None = None,
+               adapter: str | bytes | AdapterHold | None = None, request_id: str | None = None,
                deadline: float | None = None, tenant: str = "",
                on_event: Callable[[TokenEvent], None]) -> str:
         """Queue a request; its events go to `on_event` (on the loop thread). `params`: None =
-        the model's defaults (`default_params`, from its generation config). `adapter`: an
-        adapter id, or an adapter file's bytes (loaded inline, deduplicated by content).
+        the model's defaults (`default_params`, from its generation config). `adapter`: a named
+        adapter's id, an adapter file's bytes (loaded inline, deduplicated by content), or a
+        hold from `hold_adapter` (which the request takes over).
         `deadline`: a time.monotonic() after which it ends with "time_limit". `tenant`: the
         caller; request ids are unique per tenant, and the scheduler's fairness guard shares
         seats between tenants ("": callers that cannot be told apart, so their requests are
         shared out by adapter instead).
 
         Raises (nothing is queued then) ValueError for a bad prompt or parameters,
-        AdapterNotFound for an unknown adapter id, the registry's errors for inline bytes.
+        AdapterNotFound for an unknown adapter id, the registry's errors (`hold_adapter`).
         """
         params = params or self.default_params
         if not isinstance(params, SamplingParams):
@@ -250,7 +262,7 @@ class Engine:
                 self._lock.notify()
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                 adapter: str | bytes | None = None, request_id: str | None = None,
+                 adapter: str | bytes | AdapterHold | None = None, request_id: str | None = None,
                  deadline: float | None = None, tenant: str = "") -> Iterator[TokenEvent]:
         """Submit and yield the request's events until the last one. Closing the iterator early
         aborts the request. Needs a started engine."""
@@ -268,7 +280,7 @@ class Engine:
                 self.abort(rid, tenant=tenant)
 
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
-                             *, adapter: str | bytes | None = None,
+                             *, adapter: str | bytes | AdapterHold | None = None,
                              request_id: str | None = None, deadline: float | None = None,
                              tenant: str = "") -> AsyncIterator[TokenEvent]:
         """`generate` for asyncio; cancelling or closing the iterator aborts the request."""
@@ -295,15 +307,44 @@ class Engine:
     # ---- adapters -----------------------------------------------------------------------------
 
     def load_adapter(self, adapter_id: str, source: str | Path | bytes) -> AdapterInfo:
-        """Load or replace an adapter (a path inside adapter_store, or file bytes). Running
-        requests keep the version they started with."""
+        """Load or replace a named (pinned) adapter (a path inside adapter_store, or file
+        bytes), persisted in a durable store. Running requests keep the version they started
+        with. Blocks on validation and fsync: call it off an event loop."""
         return self.registry.load(adapter_id, source)
 
     def unload_adapter(self, adapter_id: str) -> None:
+        """Unload an adapter (named or inline); a durable store remembers the unload."""
         self.registry.unload(adapter_id)
 
     def list_adapters(self) -> list[AdapterInfo]:
+        """Every registered adapter, inline ones included (`AdapterInfo.inline`): what
+        callers other than admins see is for the server to filter."""
         return self.registry.list()
+
+    def hold_adapter(self, adapter: str | bytes | AdapterHold) -> AdapterHold:
+        """Load (bytes: inline) or reload (a named id not resident) an adapter and hold its
+        slot for a request that `submit(adapter=hold)` then takes over; `hold.release()` if the
+        request is never submitted. May validate and read the store: call it off an event
+        loop. Raises AdapterNotFound for unknown ids and inline content ids, the registry's
+        errors for bad bytes, RegistryFull when no slot can be had."""
+        if isinstance(adapter, AdapterHold):
+            return adapter
+        if isinstance(adapter, bytes):
+            return self.registry.hold_inline(adapter)
+        if isinstance(adapter, str):
+            return self.registry.hold(adapter)
+        raise ValueError(f"adapter must be an id or adapter bytes, got {type(adapter).__name__}")
+
+    async def hold_adapter_async(self, adapter: str | bytes | AdapterHold) -> AdapterHold:
+        """`hold_adapter` on a worker thread, for asyncio (validation stays off the event
+        loop). If the caller is cancelled meanwhile, the hold the thread still takes is
+        released when it comes, never leaked."""
+        future = asyncio.ensure_future(asyncio.to_thread(self.hold_adapter, adapter))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_release_hold)
+            raise
 
     def stats(self) -> EngineStats:
         reg, sched = self.registry, self.scheduler
@@ -312,7 +353,9 @@ class Engine:
             kv_usage=sched.kv_usage, batch_size=self._batch_size, steps=self._steps,
             preemptions=sched.preemptions, slots_used=reg.capacity - reg.num_free,
             slots_total=reg.capacity, adapter_loads=reg.loads,
-            adapter_evictions=reg.evictions, adapter_load_failures=reg.load_failures)
+            adapter_evictions=reg.evictions, adapter_load_failures=reg.load_failures,
+            adapter_inline_evictions=reg.inline_evictions, adapter_reloads=reg.reloads,
+            adapters_registered=len(reg))
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -485,26 +528,18 @@ class Engine:
                              f"max_model_len {self.max_model_len}")
         return ids
 
-    def _adapter_id(self, adapter: str | bytes | None) -> str | None:
+    def _acquire(self, adapter: str | bytes | AdapterHold | None) -> tuple[str | None, int]:
+        """The adapter id and the slot the request holds from now on. Bytes are loaded and held
+        in one step, so no other load can evict them before the request runs."""
         if adapter is None or adapter == "":
-            return None
-        if isinstance(adapter, bytes):
-            return self.registry.load_inline(adapter)
-        if isinstance(adapter, str):
-            return adapter
-        raise ValueError(f"adapter must be an id or adapter bytes, got {type(adapter).__name__}")
+            return None, BASE_SLOT
+        hold = self.hold_adapter(adapter)
+        return hold.id, hold.take()
 
-    def _acquire(self, adapter: str | bytes | None) -> tuple[str | None, int]:
-        """The adapter id and the slot the request holds from now on."""
-        adapter_id = self._adapter_id(adapter)
-        try:
-            return adapter_id, self.registry.acquire(adapter_id)
-        except AdapterNotFound:
-            if not isinstance(adapter, bytes):
-                raise
-        # evicted between load_inline and acquire (every other slot busy): load it again
-        adapter_id = self._adapter_id(adapter)
-        return adapter_id, self.registry.acquire(adapter_id)
+
+def _release_hold(future: asyncio.Future[AdapterHold]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
 
 
 def _key(tenant: str, request_id: str) -> str:

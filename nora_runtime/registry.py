@@ -1,31 +1,60 @@
 """Adapter registry: adapter id -> slot of the static coefficient table (DESIGN.md s2).
 
+Two kinds of adapter ids, with separate slot budgets so one kind never crowds out the other:
+
+    named     loaded by `load`: an admin's LoadAdapter, or the store at startup (`restore`; the
+              demo adapters too). Pinned: inline traffic never evicts them. With a durable store
+              (store.py) a named adapter's bytes are on disk, so when every slot is taken it may
+              give its idle slot to another *named* adapter (LRU among idle named ones) and stays
+              registered but not resident: its next acquire reloads it from the store. Without a
+              durable store a named adapter is never evicted, and a load that finds no free slot
+              fails with RegistryFull, changing nothing.
+    inline    adapter bytes sent with a request (`hold_inline`), under their content id
+              "sha256:<hex>". At most `max_inline` are resident; past that a new one evicts the
+              least recently used idle inline adapter, never a named one, and an evicted one is
+              forgotten (its next request carries its bytes again). Usable only by sending the
+              bytes: `acquire`/`hold` refuse a content id exactly as an unknown id, so holding
+              another client's hash gives nothing and reveals nothing. Never persisted.
+
+A named load may evict an idle inline adapter (inline ones are a cache of what requests carry).
+
 Every table slot but the base (slot 0) is in one of four states:
 
     free      holds the base coefficients; on the free list
-    idle      an id's current slot that no running request holds; in the LRU order
+    idle      an id's current slot that no running request holds; in its kind's LRU order
+              (named ones only with a durable store: the others are never evicted)
     in use    an id's current slot, held by running requests (refcount > 0)
     retired   no longer any id's slot (replaced or unloaded) but still held by running
               requests; reset to the base and freed when the last of them releases it
 
-Requests hold slots, not ids: `acquire(id)` gives the slot a request's tokens carry for its
-whole life and `release(slot)` hands it back (after the request's last step has finished).
-So what a running request computes never changes under it: replacing or unloading its adapter
-only affects requests that acquire afterwards.
+Requests hold slots, not ids: `hold(id)` / `hold_inline(bytes)` (or `acquire`) give the slot a
+request's tokens carry for its whole life and `release(slot)` hands it back after the request's
+last step. The hold is taken in the same critical section that loads the adapter, so nothing
+can evict an inline adapter between its load and its request's submit. What a running request
+computes never changes under it: replacing or unloading its adapter only affects requests that
+acquire afterwards.
+
+Failure safety: `table.write` (which checks everything before it copies) comes first and all
+bookkeeping after it, so a write that raises leaves every id and slot as they were. A named
+load with a durable store writes the store first (the blob, then the manifest); if the install
+then fails, the manifest is set back to the id's previous record.
 
 A load reads, validates and merges the adapter (`load_adapter`) on the caller's thread with no
-lock held; only the bookkeeping and `table.write` of one slot (L x G x 40 bytes: 10 KiB for an
-8B model) happen under the lock, into a slot no running request reads. The forward pass never
-takes the lock. On a GPU the write is a blocking host-to-device copy, which waits for the step
-in flight; a scheduler calling acquire/release meanwhile waits at most that one step.
+lock held; so does a reload from the store (on the submitting thread, never the engine loop).
+Only the bookkeeping and `table.write` of one slot (L x G x 40 bytes: 10 KiB for an 8B model)
+happen under the lock, into a slot no running request reads. The forward pass never takes the
+lock. On a GPU the write is a blocking host-to-device copy, which waits for the step in flight;
+a scheduler calling acquire/release meanwhile waits at most that one step. Store writes (fsync)
+happen under a second lock that only loads and unloads take.
 
-Slot allocation (a free-list stack) and LRU eviction (an OrderedDict of idle slots) are O(1),
-so a table of >= 100,000 slots costs only its memory (S x L x G x 40 bytes).
+Slot allocation (a free-list stack) and LRU eviction (OrderedDicts of idle slots) are O(1), so a
+table of >= 100,000 slots costs only its memory (S x L x G x 40 bytes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -37,22 +66,21 @@ from pathlib import Path
 
 import torch
 
-from nora_runtime.adapter import (
-    MAX_ADAPTER_BYTES,
-    AdapterError,
-    AdapterMismatchError,
-    load_adapter,
-)
+from nora_runtime.adapter import AdapterError, AdapterMismatchError, load_adapter
 from nora_runtime.rational import ACTIVATIONS, MODES
+from nora_runtime.store import BLOB_SUFFIX, AdapterStore, Record, StoreError, read_regular_file
 from nora_runtime.table import CoefficientTable
+
+log = logging.getLogger(__name__)
 
 BASE_SLOT = 0
 INLINE = "inline"  # AdapterInfo.source of adapters given as bytes
 # Reserved for content-addressed inline adapters: if `load` accepted such an id, one tenant
-# could plant coefficients under the hash of another tenant's bytes and `load_inline` would
+# could plant coefficients under the hash of another tenant's bytes and `hold_inline` would
 # hand them out as a dedupe hit.
 INLINE_PREFIX = "sha256:"
 MAX_ID_LEN = 128
+_RELOAD_TRIES = 3  # a replace racing a reload makes it read again; more than 3 in a row is a bug
 
 
 class AdapterPathError(ValueError):
@@ -71,56 +99,99 @@ class UnsupportedAdapter(AdapterMismatchError):
 
 
 class AdapterNotFound(KeyError):
-    """No adapter is loaded under this id (the server answers NOT_FOUND)."""
+    """No adapter is loaded under this id, or the id is an inline adapter's content id, which
+    only its bytes can use (the server answers NOT_FOUND)."""
 
     def __str__(self) -> str:  # KeyError's own __str__ would wrap the message in quotes
         return str(self.args[0])
 
 
 class RegistryFull(RuntimeError):
-    """Every slot is held by running requests, so none can be evicted (RESOURCE_EXHAUSTED)."""
+    """No slot can be had without evicting what must not be evicted: slots held by running
+    requests, named adapters without a durable store, or (for inline adapters) named ones
+    and the inline budget (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """A snapshot of one loaded adapter, for listing and metrics."""
+    """A snapshot of one registered adapter, for listing and metrics."""
 
     id: str
-    slot: int  # its current slot; requests that acquired before a replace may hold an older one
+    slot: int  # its current slot (0: not resident); requests from before a replace may hold
+    #            an older one
     nbytes: int  # size of the adapter file
-    loaded_at: float  # time.time() of its latest load
+    loaded_at: float  # time.time() of its latest load into the table
     last_used: float  # time.time() of its latest load, acquire or release
     in_use: int  # running requests holding its current slot
     requests: int  # acquires since the id was first loaded (kept across replaces)
     tokens: int  # generated tokens counted for it (count_tokens)
     source: str  # INLINE, or the file's path inside the store directory
+    inline: bool = False  # an inline adapter (id INLINE_PREFIX + hash): usable only by its bytes
+    resident: bool = True  # False: registered, reloaded from the store on its next use
+
+
+class AdapterHold:
+    """A slot held for a request that is not submitted yet. `take()` hands the hold over to the
+    request (which releases the slot when it ends); `release()`, or leaving a `with` block,
+    gives it back if it was never taken. Either happens once; later calls do nothing
+    (`take` raises)."""
+
+    __slots__ = ("id", "slot", "_registry", "_done")
+
+    def __init__(self, registry: AdapterRegistry, adapter_id: str, slot: int) -> None:
+        self.id, self.slot, self._registry, self._done = adapter_id, slot, registry, False
+
+    def take(self) -> int:
+        if self._done:
+            raise ValueError(f"the hold on adapter {self.id!r} was already taken or released")
+        self._done = True
+        return self.slot
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._registry.release(self.slot)
+
+    def __enter__(self) -> AdapterHold:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 @dataclass(slots=True)
 class _Entry:
     id: str
-    slot: int
+    slot: int  # BASE_SLOT: not resident (a stored named adapter, reloaded on its next use)
     source: str
     nbytes: int
     loaded_at: float
     last_used: float
+    inline: bool = False
+    stored: Record | None = None  # its durable copy; None: memory only
     requests: int = 0
     tokens: int = 0
 
 
 class AdapterRegistry:
-    """Maps adapter ids to slots of `table`, loading, replacing, unloading and evicting them.
+    """Maps adapter ids to slots of `table`: loads, replaces, unloads, evicts and reloads them.
 
     Adapters are checked against the served model: `fingerprint` (None: not checked), `mode`,
     `act` (one activation kind for all sites), the table's site count and groups. Path sources
-    are read only from inside `store_dir` (None: loading by path is disabled). Thread-safe.
+    are read only from inside `store_dir` (None: loading by path is disabled). With `durable`
+    (the default) the named adapters' state lives in `store_dir` (store.py) and survives
+    restarts (`restore`); without a store dir, or with durable=False (the demo adapters in the
+    read-only package directory), state is memory-only. `max_inline`: inline adapters resident
+    at once (None: a quarter of the slots, at least 1; 0: inline adapters refused). Thread-safe.
 
-    Counters for metrics: `loads`, `evictions`, `load_failures` (bad or mismatched adapters
-    and bad paths).
+    Counters for metrics: `loads`, `evictions` (of which `inline_evictions`), `reloads` (named
+    adapters brought back from the store), `load_failures` (bad or mismatched adapters, bad
+    paths).
     """
 
     def __init__(self, table: CoefficientTable, *, fingerprint: str | None, mode: str, act: str,
-                 store_dir: str | os.PathLike[str] | None = None) -> None:
+                 store_dir: str | os.PathLike[str] | None = None, durable: bool = True,
+                 max_inline: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if act not in ACTIVATIONS:
@@ -128,15 +199,23 @@ class AdapterRegistry:
         self.table = table
         self.fingerprint, self.mode, self.act = fingerprint, mode, act
         self.store_dir = None if store_dir is None else Path(store_dir).resolve()
+        self.store = AdapterStore(self.store_dir) if self.store_dir and durable else None
+        self.max_inline = max(1, self.capacity // 4) if max_inline is None else max_inline
+        if not 0 <= self.max_inline <= self.capacity:
+            raise ValueError(f"max_inline must be in [0, {self.capacity}], got {max_inline}")
         n = table.num_slots
         self._lock = threading.Lock()
+        self._persist = threading.Lock()  # orders named loads/unloads: store write + install
         self._ids: dict[str, _Entry] = {}
         self._owner: list[_Entry | None] = [None] * n  # whose coefficients each slot holds
         self._refs = [0] * n  # running requests holding each slot
         self._free = list(range(n - 1, 0, -1))  # a stack: pop() hands out low slots first
-        self._idle: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._idle_inline: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._idle_named: OrderedDict[int, None] = OrderedDict()  # stored named ones only
         self._retired: set[int] = set()
-        self.loads = self.evictions = self.load_failures = 0
+        self._n_inline = 0  # inline ids registered (all of them resident)
+        self.loads = self.evictions = self.inline_evictions = self.reloads = 0
+        self.load_failures = 0
 
     @property
     def capacity(self) -> int:
@@ -148,76 +227,112 @@ class AdapterRegistry:
         return len(self._free)
 
     def __len__(self) -> int:
+        """Registered ids, resident or not."""
         return len(self._ids)
 
-    # ---- loading ------------------------------------------------------------------------------
+    # ---- named adapters -----------------------------------------------------------------------
 
     def load(self, adapter_id: str, source: bytes | str | os.PathLike[str]) -> AdapterInfo:
-        """Load an adapter (file bytes, or a path inside the store directory) under `adapter_id`.
+        """Load a named adapter (file bytes, or a path inside the store directory) under
+        `adapter_id`; with a durable store, persist it first.
 
         If the id is loaded already, this replaces it. Requests running with the old version
         keep it to the end: the new coefficients go to another slot and the id switches to it
         atomically, so only requests that acquire afterwards see them; the old slot is freed
         when its last holder releases it. An old version that no request holds is overwritten
-        in place instead (indistinguishable, and it costs no eviction).
+        in place instead (indistinguishable, and it costs no eviction). With a durable store, a
+        load that finds every slot held still succeeds: the id is registered, not resident.
 
         Raises ValueError for a bad id, AdapterPathError for a bad path, AdapterError (its
         AdapterMismatchError subclasses when the adapter does not fit this model) for a bad
-        adapter, RegistryFull when every slot is in use. On any error nothing changes.
+        adapter, RegistryFull when no slot can be had (no durable store), OSError when the
+        store cannot be written. On any error nothing changes.
         """
         _check_id(adapter_id)
         if adapter_id.startswith(INLINE_PREFIX):
             raise ValueError(f"adapter ids starting with {INLINE_PREFIX!r} are reserved for "
-                             "inline adapters (load_inline)")
+                             "inline adapters")
         with self._failures_counted():
             data, origin = (source, INLINE) if isinstance(source, bytes) else self._read(source)
             coefs = self._validate(data)
-        return self._install(adapter_id, coefs, origin, len(data), dedupe=False)
-
-    def load_inline(self, data: bytes) -> str:
-        """Load adapter bytes under their content id "sha256:<hex>" and return that id.
-
-        Bytes loaded already only count as a use (no second slot, no second validation), so
-        clients may send the same adapter with every request. Raises as `load` does.
-        """
-        adapter_id = INLINE_PREFIX + hashlib.sha256(data).hexdigest()
-        if not self._touch(adapter_id):
-            with self._failures_counted():
-                coefs = self._validate(data)
-            self._install(adapter_id, coefs, INLINE, len(data), dedupe=True)
-        return adapter_id
+        with self._persist:
+            return self._load_named(adapter_id, data, coefs, origin)
 
     def unload(self, adapter_id: str) -> None:
-        """Remove `adapter_id` now: new acquires get AdapterNotFound. Requests holding its slot
-        keep it; the slot is reset to the base and freed when the last of them releases it."""
-        with self._lock:
-            entry = self._entry(adapter_id)
-            del self._ids[adapter_id]
-            if self._refs[entry.slot]:
-                self._retired.add(entry.slot)
-            else:
-                del self._idle[entry.slot]
-                self._free_slot(entry.slot)
+        """Remove `adapter_id` now (and from the durable store, marked unloaded so that its
+        file in the store directory does not bring it back at startup): new acquires get
+        AdapterNotFound. Requests holding its slot keep it; the slot is reset to the base and
+        freed when the last of them releases it."""
+        with self._persist:
+            with self._lock:
+                entry = self._entry(adapter_id)
+            before = None
+            if self.store is not None and not entry.inline:
+                before, _ = self.store.state(adapter_id)
+                self.store.set(adapter_id, None, unloaded=True)
+            with self._lock:
+                self._drop(adapter_id)
+            if before is not None:
+                self.store.collect(before.sha256)
+
+    def restore(self) -> list[str]:
+        """Register the durable store's adapters (after a restart): every id of the manifest,
+        resident while free slots last (the rest load on first use), then each top-level
+        `*.safetensors` file of the store directory under its name without the suffix, unless
+        that id was unloaded explicitly or the manifest has it from elsewhere (a replace wins
+        over its old file; a file changed since it was loaded is loaded again). Returns the ids
+        registered; an adapter that fails is logged and skipped. No durable store: []."""
+        if self.store is None:
+            return []
+        with self._persist:
+            return self._restore_stored() + self._pick_up_files()
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def acquire(self, adapter_id: str | None) -> int:
-        """The slot a new request's tokens carry: 0 (the base) for no adapter, else the id's
-        current slot, held until `release`. Raises AdapterNotFound for an unknown id."""
-        if not adapter_id:
-            return BASE_SLOT
+    def hold(self, adapter_id: str) -> AdapterHold:
+        """Hold the current slot of the named adapter `adapter_id` for a new request, loading it
+        from the durable store first if it is not resident. Raises AdapterNotFound for unknown
+        ids and for inline content ids (same message: it reveals nothing), RegistryFull when it
+        must be reloaded and no slot can be had, the adapter's errors if its stored copy no
+        longer fits the model, StoreError if that copy is unreadable."""
+        hold = self._resident(adapter_id, hold=True)
+        assert hold is not None
+        return hold
+
+    def hold_inline(self, data: bytes) -> AdapterHold:
+        """Load adapter bytes as an inline adapter (content id "sha256:<hex>") and hold its slot
+        for a new request. Bytes resident already only count as a use (no second slot, no
+        second validation), so clients may send the same adapter with every request. Raises as
+        `load` does; RegistryFull when every inline slot is held (or none can be had)."""
+        if not isinstance(data, bytes):
+            raise ValueError(f"inline adapter must be bytes, got {type(data).__name__}")
+        adapter_id = INLINE_PREFIX + hashlib.sha256(data).hexdigest()
         with self._lock:
-            entry = self._entry(adapter_id)
-            slot = entry.slot
-            if self._refs[slot] == 0:
-                del self._idle[slot]  # in use: not evictable
-            self._refs[slot] += 1
-            entry.requests += 1
-            entry.last_used = time.time()
-            return slot
+            if (entry := self._ids.get(adapter_id)) is not None:
+                return self._hold(entry)
+        with self._failures_counted():
+            coefs = self._validate(data)
+        with self._lock:
+            if (entry := self._ids.get(adapter_id)) is not None:  # a racing hold_inline won
+                return self._hold(entry)
+            entry = self._install(adapter_id, coefs, source=INLINE, nbytes=len(data),
+                                  inline=True, stored=None)
+            self.loads += 1
+            return self._hold(entry)
+
+    def load_inline(self, data: bytes) -> str:
+        """`hold_inline` without keeping the hold: the content id. The adapter may be evicted
+        again before any request uses it; requests should hold it (Engine.submit does)."""
+        with self.hold_inline(data) as hold:
+            return hold.id
+
+    def acquire(self, adapter_id: str | None) -> int:
+        """The slot a new request's tokens carry: 0 (the base) for no adapter, else the named
+        adapter's current slot (`hold`), held until `release`."""
+        return self.hold(adapter_id).take() if adapter_id else BASE_SLOT
 
     def release(self, slot: int) -> None:
-        """Hand back a slot from `acquire`, once the request's last step has finished."""
+        """Hand back a held slot, once the request's last step has finished."""
         if slot == BASE_SLOT:
             return
         with self._lock:
@@ -229,7 +344,7 @@ class AdapterRegistry:
                 self._retired.remove(slot)
                 self._free_slot(slot)
             else:
-                self._idle[slot] = None  # most recently used
+                self._make_idle(slot)  # most recently used
                 self._owner[slot].last_used = time.time()
 
     def count_tokens(self, slot: int, n: int) -> None:
@@ -243,16 +358,17 @@ class AdapterRegistry:
     # ---- inspection ---------------------------------------------------------------------------
 
     def get(self, adapter_id: str) -> AdapterInfo:
-        """A snapshot of one adapter; AdapterNotFound if it is not loaded."""
+        """A snapshot of one adapter (inline ones too); AdapterNotFound if not registered."""
         with self._lock:
             return self._info(self._entry(adapter_id))
 
     def list(self) -> list[AdapterInfo]:
-        """Snapshots of all loaded adapters, in order of first load."""
+        """Snapshots of all registered adapters (inline ones too: `AdapterInfo.inline` tells
+        them apart), in order of first load."""
         with self._lock:
             return [self._info(e) for e in self._ids.values()]
 
-    # ---- internals ----------------------------------------------------------------------------
+    # ---- loading internals --------------------------------------------------------------------
 
     @contextmanager
     def _failures_counted(self) -> Iterator[None]:
@@ -277,9 +393,8 @@ class AdapterRegistry:
         path = (self.store_dir / rel).resolve()
         if not path.is_relative_to(self.store_dir):
             raise AdapterPathError(f"adapter path {name!r} leads outside the store directory")
-        try:
-            with open(path, "rb") as f:
-                return f.read(MAX_ADAPTER_BYTES + 1), rel.as_posix()  # load_adapter rejects more
+        try:  # a regular file only: a named pipe would block the read forever
+            return read_regular_file(path), rel.as_posix()  # load_adapter rejects too much
         except OSError as e:
             raise AdapterPathError(f"cannot read adapter file {name!r}: {e.strerror}") from e
 
@@ -298,47 +413,240 @@ class AdapterRegistry:
                                      "groups are not a multiple of it")
         return loaded.coefs
 
-    def _install(self, adapter_id: str, coefs: torch.Tensor, source: str, nbytes: int, *,
-                 dedupe: bool) -> AdapterInfo:
-        with self._lock:
-            entry = self._ids.get(adapter_id)
-            if entry is not None and dedupe:  # loaded by a racing load_inline meanwhile
-                self._touch_entry(entry)
+    def _load_named(self, adapter_id: str, data: bytes, coefs: torch.Tensor,
+                    origin: str) -> AdapterInfo:
+        """Store (durable), then install; on any error both are as they were. Under _persist."""
+        if self.store is None:
+            with self._lock:
+                entry = self._install(adapter_id, coefs, source=origin, nbytes=len(data),
+                                      inline=False, stored=None)
+                self.loads += 1
                 return self._info(entry)
-            slot = self._slot_for(entry)
-            self.table.write(slot, coefs)
-            now = time.time()
-            if entry is None:
-                entry = self._ids[adapter_id] = _Entry(adapter_id, slot, source, nbytes, now, now)
-            else:
-                entry.slot, entry.source, entry.nbytes = slot, source, nbytes
-                entry.loaded_at = entry.last_used = now
-            self._owner[slot] = entry
-            self._idle[slot] = None  # loaded and not yet held: idle, most recently used
-            self.loads += 1
-            return self._info(entry)
+        before = self.store.state(adapter_id)
+        record = self.store.add_blob(data, origin)
+        self.store.set(adapter_id, record)
+        try:
+            with self._lock:
+                entry = self._install_stored(adapter_id, coefs, record)
+                self.loads += 1
+                info = self._info(entry)
+        except BaseException:
+            self._undo_store(adapter_id, before, record)
+            raise
+        if before[0] is not None:
+            self.store.collect(before[0].sha256)
+        return info
 
-    def _slot_for(self, entry: _Entry | None) -> int:
-        """The slot new coefficients for `entry` (None: a new id) go to. An old version that
-        no request holds is overwritten in place; one in use retires, kept for its holders."""
-        if entry is not None and self._refs[entry.slot] == 0:
-            del self._idle[entry.slot]
-            return entry.slot
-        slot = self._allocate()
-        if entry is not None:
-            self._retired.add(entry.slot)
-        return slot
+    def _install_stored(self, adapter_id: str, coefs: torch.Tensor, record: Record) -> _Entry:
+        """Install a stored named adapter; when every slot is held, register it not resident
+        (its stored copy loads on its next use) instead of failing. Under the lock."""
+        try:
+            return self._install(adapter_id, coefs, source=record.source, nbytes=record.nbytes,
+                                 inline=False, stored=record)
+        except RegistryFull:
+            return self._seat(adapter_id, self._ids.get(adapter_id), BASE_SLOT,
+                              source=record.source, nbytes=record.nbytes, inline=False,
+                              stored=record)
 
-    def _allocate(self) -> int:
-        """A free slot, else the least recently used idle adapter's (evicted); never a held one."""
+    def _undo_store(self, adapter_id: str, before: tuple[Record | None, bool],
+                    record: Record) -> None:
+        try:
+            self.store.set(adapter_id, before[0], unloaded=before[1])
+            self.store.collect(record.sha256)
+        except OSError:  # memory keeps the old version; the manifest, the new one until the
+            log.exception("adapter %s: cannot restore the store's previous record", adapter_id)
+
+    def _resident(self, adapter_id: str, *, hold: bool) -> AdapterHold | None:
+        """Make a named adapter resident, reloading it from the store if it is not; with
+        `hold`, hold its slot in the same critical section (an eviction can come between
+        otherwise)."""
+        for _ in range(_RELOAD_TRIES):
+            with self._lock:
+                entry = self._named(adapter_id)
+                if entry.slot:
+                    return self._hold(entry) if hold else None
+                record = entry.stored
+            try:  # read and validate off the lock, as a load does
+                data = self.store.read(record)
+                with self._failures_counted():
+                    coefs = self._validate(data)
+            except StoreError:
+                with self._lock:
+                    if self._named(adapter_id).stored == record:
+                        raise
+                continue  # replaced meanwhile, and its old blob collected: read the new one
+            with self._lock:
+                entry = self._named(adapter_id)
+                if not entry.slot:
+                    if entry.stored != record:
+                        continue  # replaced meanwhile: read the new version
+                    self._install(adapter_id, coefs, source=record.source,
+                                  nbytes=record.nbytes, inline=False, stored=record)
+                    if hold:  # on use, after an eviction (at startup: a load)
+                        self.reloads += 1
+                        log.info("adapter %s reloaded from the store into slot %d",
+                                 adapter_id, entry.slot)
+                    else:
+                        self.loads += 1
+                return self._hold(entry) if hold else None
+        raise StoreError(f"adapter {adapter_id!r} was replaced {_RELOAD_TRIES} times while it "
+                         "was being reloaded")
+
+    def _restore_stored(self) -> list[str]:
+        ids = []
+        with self._lock:
+            for adapter_id, record in self.store.records().items():
+                if adapter_id not in self._ids:
+                    self._seat(adapter_id, None, BASE_SLOT, source=record.source,
+                               nbytes=record.nbytes, inline=False, stored=record)
+                    ids.append(adapter_id)
+        failed = set()
+        for adapter_id in ids:  # resident while free slots last: first requests need no reload
+            if not self._free:
+                break
+            try:
+                self._resident(adapter_id, hold=False)
+            except Exception as exc:  # e.g. served with another model now: the manifest keeps
+                log.error("stored adapter %s not restored: %s", adapter_id, exc)  # the record
+                failed.add(adapter_id)
+                with self._lock:
+                    self._drop(adapter_id)
+        return [i for i in ids if i not in failed]
+
+    def _pick_up_files(self) -> list[str]:
+        """Load the store directory's new or changed top-level files (restore's second part)."""
+        ids = []
+        for path in sorted(self.store_dir.glob(f"*{BLOB_SUFFIX}")):
+            adapter_id, name = path.stem, path.name
+            record = self.store.get(adapter_id)
+            if self.store.is_unloaded(adapter_id) or (record and record.source != name):
+                continue
+            try:
+                _check_id(adapter_id)
+                with self._failures_counted():
+                    data, origin = self._read(name)
+                    if record and hashlib.sha256(data).hexdigest() == record.sha256:
+                        continue  # restored already
+                    coefs = self._validate(data)
+                self._load_named(adapter_id, data, coefs, origin)
+            except Exception as exc:  # one bad file must not keep the others from serving
+                log.error("adapter file %s not loaded: %s", name, exc)
+                continue
+            if record is None:
+                ids.append(adapter_id)
+        return ids
+
+    # ---- slot bookkeeping (all under the lock) ------------------------------------------------
+
+    def _install(self, adapter_id: str, coefs: torch.Tensor, *, source: str, nbytes: int,
+                 inline: bool, stored: Record | None) -> _Entry:
+        """Write `coefs` to a slot for `adapter_id` and make it the id's current (idle) slot.
+        The write goes first: if it raises, no id or slot has changed."""
+        entry = self._ids.get(adapter_id)
+        slot, evict = self._place(entry, inline)
+        self.table.write(slot, coefs)
+        if evict:
+            self._evict(slot)
+        elif entry is not None and entry.slot == slot:  # the idle old version, overwritten
+            self._unidle(slot)
+        else:
+            self._free.pop()  # _place handed out the top of the stack
+        entry = self._seat(adapter_id, entry, slot, source=source, nbytes=nbytes, inline=inline,
+                           stored=stored)
+        self._make_idle(slot)
+        return entry
+
+    def _place(self, entry: _Entry | None, inline: bool) -> tuple[int, bool]:
+        """(slot, whether its idle adapter is evicted) for new coefficients of `entry` (None: a
+        new id); changes nothing. An old version that no request holds is overwritten in
+        place. Inline adapters evict only inline ones; named ones, inline ones first."""
+        if entry is not None and entry.slot and not self._refs[entry.slot]:
+            return entry.slot, False
+        if inline and self._n_inline >= self.max_inline:
+            if self._idle_inline:
+                return next(iter(self._idle_inline)), True
+            raise RegistryFull("inline adapters are disabled on this server" if not
+                               self.max_inline else f"all {self.max_inline} inline adapter "
+                               "slots are held by running requests; retry later")
         if self._free:
-            return self._free.pop()
-        if not self._idle:
-            raise RegistryFull(f"all {self.capacity} adapter slots are held by running requests")
-        slot, _ = self._idle.popitem(last=False)
-        del self._ids[self._owner[slot].id]
+            return self._free[-1], False
+        for lru in (self._idle_inline,) if inline else (self._idle_inline, self._idle_named):
+            if lru:
+                return next(iter(lru)), True
+        raise RegistryFull(f"all {self.capacity} adapter slots are held by running requests "
+                           + ("or named adapters" if inline else "or pinned adapters"))
+
+    def _seat(self, adapter_id: str, entry: _Entry | None, slot: int, *, source: str,
+              nbytes: int, inline: bool, stored: Record | None) -> _Entry:
+        """Make `slot` (BASE_SLOT: none) the id's current one; an old slot retires."""
+        now = time.time()
+        if entry is None:
+            entry = self._ids[adapter_id] = _Entry(adapter_id, BASE_SLOT, source, nbytes, now,
+                                                   now, inline=inline)
+            self._n_inline += inline
+        elif entry.slot and entry.slot != slot:  # held by running requests (an idle one is
+            self._retired.add(entry.slot)  # overwritten in place): theirs until released
+        entry.slot, entry.source, entry.nbytes, entry.stored = slot, source, nbytes, stored
+        entry.loaded_at = entry.last_used = now
+        if slot:
+            self._owner[slot] = entry
+        return entry
+
+    def _evict(self, slot: int) -> None:
+        """Take an idle slot from its adapter: an inline one is forgotten, a stored named one
+        stays registered (reloaded on its next use)."""
+        victim = self._owner[slot]
+        self._unidle(slot)
+        self._owner[slot] = None
         self.evictions += 1
-        return slot
+        if victim.inline:
+            del self._ids[victim.id]
+            self._n_inline -= 1
+            self.inline_evictions += 1
+        else:
+            victim.slot = BASE_SLOT
+        log.info("adapter %s evicted from slot %d%s", victim.id, slot,
+                 "" if victim.inline else " (reloaded from the store on its next use)")
+
+    def _drop(self, adapter_id: str) -> None:
+        """Forget an id (gone already: nothing to do); its slot is freed now or, if held,
+        retired until its holders release it."""
+        entry = self._ids.pop(adapter_id, None)
+        if entry is None:
+            return
+        self._n_inline -= entry.inline
+        if not entry.slot:
+            return
+        if self._refs[entry.slot]:
+            self._retired.add(entry.slot)
+        else:
+            self._unidle(entry.slot)
+            self._free_slot(entry.slot)
+
+    def _hold(self, entry: _Entry) -> AdapterHold:
+        slot = entry.slot
+        if not self._refs[slot]:
+            self._unidle(slot)  # in use: not evictable
+        self._refs[slot] += 1
+        entry.requests += 1
+        entry.last_used = time.time()
+        return AdapterHold(self, entry.id, slot)
+
+    def _lru(self, entry: _Entry) -> OrderedDict[int, None] | None:
+        """The LRU order an idle slot of `entry` joins; None: never evicted (memory only)."""
+        if entry.inline:
+            return self._idle_inline
+        return self._idle_named if entry.stored is not None else None
+
+    def _make_idle(self, slot: int) -> None:
+        lru = self._lru(self._owner[slot])
+        if lru is not None:
+            lru[slot] = None  # most recently used
+
+    def _unidle(self, slot: int) -> None:
+        lru = self._lru(self._owner[slot])
+        if lru is not None:
+            lru.pop(slot, None)
 
     def _free_slot(self, slot: int) -> None:
         # Reset to the base so that a stale slot index can never read another tenant's adapter.
@@ -346,21 +654,17 @@ class AdapterRegistry:
         self._owner[slot] = None
         self._free.append(slot)
 
-    def _touch(self, adapter_id: str) -> bool:
-        with self._lock:
-            entry = self._ids.get(adapter_id)
-            if entry is not None:
-                self._touch_entry(entry)
-            return entry is not None
-
-    def _touch_entry(self, entry: _Entry) -> None:
-        if entry.slot in self._idle:
-            self._idle.move_to_end(entry.slot)
-        entry.last_used = time.time()
-
     def _entry(self, adapter_id: str) -> _Entry:
         entry = self._ids.get(adapter_id)
         if entry is None:
+            raise AdapterNotFound(f"no adapter loaded under id {adapter_id!r}")
+        return entry
+
+    def _named(self, adapter_id: str) -> _Entry:
+        """A named adapter's entry. An inline content id gets the unknown id's answer: using
+        another client's adapter takes its bytes, and the answer must not say it is loaded."""
+        entry = self._ids.get(adapter_id)
+        if entry is None or entry.inline:
             raise AdapterNotFound(f"no adapter loaded under id {adapter_id!r}")
         return entry
 
@@ -370,8 +674,9 @@ class AdapterRegistry:
 
     def _info(self, e: _Entry) -> AdapterInfo:
         return AdapterInfo(id=e.id, slot=e.slot, nbytes=e.nbytes, loaded_at=e.loaded_at,
-                           last_used=e.last_used, in_use=self._refs[e.slot],
-                           requests=e.requests, tokens=e.tokens, source=e.source)
+                           last_used=e.last_used, in_use=self._refs[e.slot] if e.slot else 0,
+                           requests=e.requests, tokens=e.tokens, source=e.source,
+                           inline=e.inline, resident=bool(e.slot))
 
 
 def _check_id(adapter_id: str) -> None:

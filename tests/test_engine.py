@@ -42,11 +42,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def make_engine(checkpoint, **kw) -> Engine:
+def make_engine(checkpoint, store=None, **kw) -> Engine:
     cfg = dict(model=str(checkpoint), device="cpu", block_size=4, kv_cache_tokens_cpu=1024,
                max_adapters=8)
     cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
+    return Engine(EngineConfig(**cfg), adapter_store=store)
 
 
 def adapter(engine: Engine, seed: int) -> bytes:
@@ -278,27 +278,33 @@ def test_kv_exhaustion_preempts_and_every_request_finishes(checkpoint):
         small.shutdown()
 
 
-def test_lru_never_evicts_an_adapter_in_use(checkpoint):
-    e = make_engine(checkpoint, max_adapters=2).start()
+def test_lru_never_evicts_an_adapter_in_use(checkpoint, tmp_path):
+    """Named adapters in a durable store share the slots LRU (never one in use); an evicted
+    one is reloaded on its next use with the same output (issue 10: dynamic loading)."""
+    e = make_engine(checkpoint, store=tmp_path, max_adapters=2).start()
     try:
         long = SamplingParams(temperature=0, max_new_tokens=300, ignore_eos=True)
         e.load_adapter("a", adapter(e, 1))
         reference = alone(e, "Hello", long, "a").tokens
         e.load_adapter("b", adapter(e, 2))
+        ref_b = alone(e, "Hello", GREEDY, "b").tokens
         it = e.generate("Hello", long, adapter="a")
         next(it)  # "a" is in use from here on; "b" is idle
         e.load_adapter("c", adapter(e, 3))  # evicts the idle "b", never "a"
-        assert {i.id for i in e.list_adapters()} == {"a", "c"}
+        assert {i.id for i in e.list_adapters() if i.resident} == {"a", "c"}
         it_c = e.generate("abc", long, adapter="c")
         next(it_c)  # both slots in use now
+        assert not e.load_adapter("d", adapter(e, 4)).resident  # stored, loaded on use
         with pytest.raises(RegistryFull):
-            e.load_adapter("d", adapter(e, 4))
+            e.submit("Hello", GREEDY, adapter="d", on_event=print)
         it_c.close()
         rest = [t for ev in it for t in ev.token_ids]
         assert [reference[0]] + rest == reference  # "a" kept its coefficients throughout
         wait_idle(e)
-        e.load_adapter("d", adapter(e, 4))
-        assert e.stats().adapter_evictions == 2
+        assert alone(e, "Hello", GREEDY, "b").tokens == ref_b  # reloaded from the store
+        stats = e.stats()
+        assert (stats.adapter_evictions, stats.adapter_reloads) == (2, 1)
+        assert stats.adapters_registered == 4
     finally:
         e.shutdown()
 

@@ -209,6 +209,51 @@ def test_load_unload_and_replace_while_serving(served, engine):
         assert got == want_v1  # the running request kept the version it started with
 
 
+def test_inline_adapters_never_evict_named_ones(served, engine):
+    """Finding 1 (issue 10): ~1,030 Generate calls, each with different adapter_bytes and
+    max_new_tokens=1, left the admin's and the demo adapters answering NOT_FOUND. Here three
+    times the slot count of such calls (8 slots, 2 of them for inline adapters); the named
+    adapters still answer, and no inline slot stays held, not even by a request that failed
+    after its adapter was loaded."""
+    one = dict(max_new_tokens=1, ignore_eos=True)
+    with served.client() as nora:
+        for i in range(24):
+            reply = nora.generate(PROMPT, adapter_bytes=adapter_bytes(engine, 100 + i), **one)
+            assert reply.adapter_id.startswith("sha256:")
+        for name in "abc":
+            assert nora.generate(PROMPT, adapter_id=name, **one).adapter_id == name
+        running = nora.generate_stream(PROMPT, request_id="dup", **LONG)
+        next(running)
+        code, _ = code_of(nora.generate, PROMPT, adapter_bytes=adapter_bytes(engine, 99),
+                          request_id="dup", **one)  # fails after the inline load: in flight
+        assert code == Code.INVALID_ARGUMENT
+        running.cancel()
+    served.wait_idle()
+    adapters = engine.list_adapters()
+    assert {"a", "b", "c"} <= {a.id for a in adapters if not a.inline and a.resident}
+    assert sum(a.inline for a in adapters) <= engine.registry.max_inline == 2
+    assert all(a.in_use == 0 for a in adapters)
+    assert engine.stats().adapter_inline_evictions >= 22
+
+
+def test_inline_content_id_is_not_an_adapter_id(served, engine):
+    """Finding 3 (issue 10): client B generated with client A's inline adapter, without its
+    bytes, by passing the content id "sha256:..." as adapter_id. A content id is now refused
+    exactly like an id that is not loaded. (Hiding them from ListAdapters is the service's
+    part; the engine marks them: AdapterInfo.inline.)"""
+    with served.client() as client_a, served.client() as client_b:
+        cid = client_a.generate(PROMPT, adapter_bytes=adapter_bytes(engine, 31),
+                                **SHORT).adapter_id
+        assert cid.startswith("sha256:")
+        unknown = "sha256:" + "0" * 64
+        code, message = code_of(client_b.generate, PROMPT, adapter_id=cid, **SHORT)
+        code_unknown, message_unknown = code_of(client_b.generate, PROMPT, adapter_id=unknown,
+                                                **SHORT)
+    assert code == code_unknown == Code.NOT_FOUND
+    assert message.replace(cid, "ID") == message_unknown.replace(unknown, "ID")
+    assert [a.inline for a in engine.list_adapters() if a.id == cid] == [True]
+
+
 # ---- status codes --------------------------------------------------------------------------
 
 

@@ -137,8 +137,13 @@ def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
 
 
 def preload_adapters(engine: Engine, directory: str | Path) -> list[str]:
-    """Load every `*.safetensors` file of `directory` (the adapter store) under its file name
-    without the suffix; return the ids loaded. A file that fails is logged and skipped."""
+    """The adapters of `directory` (the adapter store) at startup; return their ids. A durable
+    store was restored by the engine already (its manifest, then new files: registry.restore).
+    Otherwise (the demo adapters' read-only directory) load every `*.safetensors` file under
+    its file name without the suffix, memory-only and pinned. A file that fails is logged and
+    skipped."""
+    if engine.registry.store is not None:
+        return list(engine.restored_adapters)
     loaded = []
     for path in sorted(Path(directory).glob("*.safetensors")):
         try:
@@ -151,7 +156,7 @@ def preload_adapters(engine: Engine, directory: str | Path) -> list[str]:
 
 
 async def _load_engine(engine_config: EngineConfig, adapter_dir: str | None,
-                       stop: asyncio.Event) -> Engine | None:
+                       stop: asyncio.Event, *, durable: bool = True) -> Engine | None:
     """Build and start the engine on a daemon thread (so that a signal during a long load
     still exits at once); None if `stop` was set first."""
     loop = asyncio.get_running_loop()
@@ -159,7 +164,8 @@ async def _load_engine(engine_config: EngineConfig, adapter_dir: str | None,
 
     def build() -> None:
         try:
-            engine = Engine(engine_config, adapter_store=adapter_dir).start()
+            engine = Engine(engine_config, adapter_store=adapter_dir,
+                            durable_adapters=durable).start()
         except BaseException as exc:  # handed to the event loop, which re-raises it
             loop.call_soon_threadsafe(done.set_exception, exc)
         else:
@@ -203,7 +209,8 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
              f"({'TLS' if config.tls_cert else 'plaintext'}); loading "
              f"{engine_config.model or 'the default model'} ...")
     try:
-        engine = await _load_engine(engine_config, adapter_dir, stop)
+        # the demo adapters' directory is in the package (read-only): no state kept there
+        engine = await _load_engine(engine_config, adapter_dir, stop, durable=not demo)
     except Exception as exc:
         if not isinstance(exc, MissingModelPackages):  # that one's message says it all
             log.exception("loading the model failed")

@@ -244,6 +244,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                            f"server busy: {self.in_flight} requests in flight, the limit is "
                            f"{self.config.max_concurrent_requests}; retry later")
         self.in_flight += 1
+        hold = None  # an inline adapter's slot, held until the engine request takes it over
         try:
             ids = await self._prompt_ids(request, input_kind, engine)
             self._check_lengths(engine, len(ids), params.max_new_tokens)
@@ -255,12 +256,13 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 if end_of_turn:
                     params = dataclasses.replace(
                         params, stop_token_ids=params.stop_token_ids + end_of_turn)
-            adapter: str | None = None
+            adapter = None  # an adapter id, or the hold on an inline adapter's slot
             adapter_id = ""
             if request.WhichOneof("adapter") == "adapter_bytes":
-                # validate and load off the event loop, then submit by content id
-                adapter = adapter_id = await asyncio.to_thread(engine.registry.load_inline,
-                                                               request.adapter_bytes)
+                # validate, load and hold its slot off the event loop; the engine request takes
+                # the hold over, so no other load can evict it in between
+                adapter = hold = await engine.hold_adapter_async(request.adapter_bytes)
+                adapter_id = hold.id
             elif request.WhichOneof("adapter") == "adapter_id":
                 adapter = adapter_id = request.adapter_id
             deadline = time.monotonic() + time_limit if time_limit > 0 else None
@@ -281,6 +283,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 raise
         finally:
             self.in_flight -= 1
+            if hold is not None:  # never submitted (an error or cancel came first)
+                hold.release()
 
     async def _prompt_ids(self, request, kind: str, engine: Engine) -> list[int]:
         if kind == "token_ids":
