@@ -290,6 +290,8 @@ def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
     res["throughput_mixed_tok_s"] = closed_loop([f"mix{i}" for i in range(n_req)])
     print(f"engine throughput, {n_req} adapters {res['throughput_mixed_tok_s']:.0f} tok/s",
           flush=True)
+    for i in range(n_req):  # named adapters without a store are pinned: free their slots
+        engine.unload_adapter(f"mix{i}")
 
     times = []
     for i in range(slots):
