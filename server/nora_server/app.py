@@ -119,6 +119,7 @@ class NoraServer:
 
     async def attach(self, engine: Engine) -> None:
         """Serve `engine` (loaded and started) from now on; health turns SERVING."""
+        await self.service.prepare(engine)
         self.service.engine = engine
         await self._set_health(serving=True)
 

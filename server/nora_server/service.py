@@ -269,6 +269,10 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     def max_total_tokens(self, engine: Engine) -> int:
         return min(self.config.max_total_tokens or engine.max_model_len, engine.max_model_len)
 
+    async def prepare(self, engine: Engine) -> None:
+        """Work done once per engine before it serves (so no RPC waits for it)."""
+        await self.max_text_bytes(engine)
+
     async def max_text_bytes(self, engine: Engine) -> int:
         """The longest text (UTF-8 bytes) worth tokenizing: one longer than the input token
         limit times the vocabulary's longest token cannot fit; config.max_text_bytes may cut
