@@ -173,14 +173,17 @@ def _run(main_coroutine) -> None:
     """asyncio.run without its wait for the default executor's threads at the end (a stuck
     one would hang the exit; nora's own workers are daemon threads)."""
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(main_coroutine)
     finally:
         tasks = asyncio.all_tasks(loop)
         for task in tasks:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
         loop.close()
 
 
