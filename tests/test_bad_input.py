@@ -82,7 +82,7 @@ def test_slow_tokenizing_never_starves_other_rpcs(engine):  # noqa: F811
     s = ServerThread(engine, tokenize_threads=1, tokenize_queue=0)
     template = engine.tokenizer.chat_template
     # a real slow call: a chat template that loops (~seconds; jinja caps range() at 100,000)
-    engine.tokenizer.chat_template = ("{% for i in range(6000) %}{% for j in range(6000) %}"
+    engine.tokenizer.chat_template = ("{% for i in range(10000) %}{% for j in range(8000) %}"
                                       "{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
     try:
         with s.client(retries=0) as nora:

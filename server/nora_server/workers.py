@@ -64,18 +64,17 @@ class WorkerPool:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             loop, future, fn, args, kwargs = item
-            try:
-                if future.cancelled():  # its caller left while it waited: skip it
-                    continue
+            run = not future.cancelled()  # else its caller left while it waited: skip it
+            error, value = False, None
+            if run:
                 try:
-                    result = fn(*args, **kwargs)
+                    value = fn(*args, **kwargs)
                 except BaseException as exc:  # handed to the caller, which re-raises it
-                    _deliver(loop, future, exc, error=True)
-                else:
-                    _deliver(loop, future, result, error=False)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                    error, value = True, exc
+            with self._lock:  # free before the caller hears back, so it may call again at once
+                self._pending -= 1
+            if run:
+                _deliver(loop, future, value, error=error)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any, *,
