@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,13 @@ LORA_PREFIX = "lora."
 # An 80-layer adapter with G' = 64 and r = 16 is ~0.4 MB; anything near this is not an adapter,
 # and refusing it up front keeps a hostile upload from costing a large read and JSON parse.
 MAX_ADAPTER_BYTES = 64 << 20
+# The header is JSON: tensor names, shapes and offsets and a few metadata strings, a few KB for
+# any real adapter. Both limits are checked before json.loads, whose recursion a deeply nested
+# header exhausts (RecursionError: INTERNAL, before these checks).
+MAX_HEADER_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[^\[\]{}]")
 
 
 class AdapterError(ValueError):
@@ -369,6 +377,24 @@ def _read(path_or_bytes: str | os.PathLike[str] | bytes) -> bytes:
     return data
 
 
+def _json(text: str | bytes, what: str) -> Any:
+    """json.loads of untrusted text, refusing nesting deeper than MAX_JSON_DEPTH first (deep
+    nesting makes json.loads raise RecursionError): AdapterFormatError."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    # the brackets outside strings, in order (an unterminated string only adds brackets: the
+    # depth is overestimated for text json.loads refuses anyway)
+    brackets = _BRACKETS.sub(b"", _STRINGS.sub(b"", raw))
+    depth = 0
+    for b in brackets:
+        depth += 1 if b in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise AdapterFormatError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise AdapterFormatError(f"{what} is not JSON ({str(e)[:200]})") from e
+
+
 def _metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's __metadata__, checked for format, version and required keys."""
     if len(data) < 8:
@@ -378,10 +404,10 @@ def _metadata(data: bytes) -> dict[str, str]:
     if n > len(data) - 8:
         raise AdapterFormatError(f"truncated or not a safetensors file: header length {n} "
                                  f"exceeds the {len(data) - 8} bytes that follow")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e})") from e
+    if n > MAX_HEADER_BYTES:
+        raise AdapterFormatError(f"safetensors header of {n} bytes exceeds the "
+                                 f"{MAX_HEADER_BYTES}-byte limit of adapter files")
+    header = _json(data[8:8 + n], "not a safetensors file: the header")
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterFormatError("not a nora adapter: safetensors header has no __metadata__ "
@@ -407,7 +433,7 @@ def _spec(meta: dict[str, str]) -> AdapterSpec:
         except ValueError as e:
             raise AdapterFormatError(f"bad adapter metadata {key}={meta[key]!r}: {e}") from e
 
-    sites = parse("sites", json.loads)
+    sites = _json(meta["sites"], f"bad adapter metadata sites={meta['sites'][:64]!r}")
     if not isinstance(sites, list):
         raise AdapterFormatError(f"bad adapter metadata sites={meta['sites']!r}: not a JSON list")
     if not meta["base_fingerprint"]:
@@ -428,10 +454,7 @@ def _lora_names(meta: dict[str, str]) -> list[str]:
     if len(present) != len(LORA_META_KEYS):
         raise AdapterFormatError(f"adapter metadata has {present} but not all of "
                                  f"{list(LORA_META_KEYS)}")
-    try:
-        modules = json.loads(meta["lora_modules"])
-    except ValueError as e:
-        raise AdapterFormatError(f"bad adapter metadata lora_modules: {e}") from e
+    modules = _json(meta["lora_modules"], "bad adapter metadata lora_modules")
     if (not isinstance(modules, list) or not modules
             or not all(isinstance(m, str) and m for m in modules)
             or len(set(modules)) != len(modules)):

@@ -335,11 +335,12 @@ class Engine:
             return self.registry.hold(adapter)
         raise ValueError(f"adapter must be an id or adapter bytes, got {type(adapter).__name__}")
 
-    async def hold_adapter_async(self, adapter: str | bytes | AdapterHold) -> AdapterHold:
+    async def hold_adapter_async(self, adapter: str | bytes | AdapterHold, *,
+                                 run=asyncio.to_thread) -> AdapterHold:
         """`hold_adapter` on a worker thread, for asyncio (validation stays off the event
-        loop). If the caller is cancelled meanwhile, the hold the thread still takes is
-        released when it comes, never leaked."""
-        future = asyncio.ensure_future(asyncio.to_thread(self.hold_adapter, adapter))
+        loop); `run(fn, arg)` runs it (default: asyncio's executor). If the caller is cancelled
+        meanwhile, the hold the thread still takes is released when it comes, never leaked."""
+        future = asyncio.ensure_future(run(self.hold_adapter, adapter))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -299,6 +299,14 @@ class AdapterRegistry:
         assert hold is not None
         return hold
 
+    def try_hold(self, adapter_id: str) -> AdapterHold | None:
+        """`hold` when the named adapter is resident (no store read: cheap enough for an event
+        loop), else None: call `hold` off the loop then. Raises AdapterNotFound as `hold`
+        does."""
+        with self._lock:
+            entry = self._named(adapter_id)
+            return self._hold(entry) if entry.slot else None
+
     def hold_inline(self, data: bytes) -> AdapterHold:
         """Load adapter bytes as an inline adapter (content id "sha256:<hex>") and hold its slot
         for a new request. Bytes resident already only count as a use (no second slot, no

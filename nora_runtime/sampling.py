@@ -29,6 +29,15 @@ from pathlib import Path
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: logits / T would overflow float32
+# Ranges of the float parameters, for float32 math (the sampler's): a double that is fine in
+# Python can round to 0 or inf in float32 (repetition_penalty=1e-300 became 0: logits / 0 gave
+# NaN log-probabilities). Inside these ranges every value is a normal float32 and the products
+# stay finite for any finite float32 logits below 1e30: temperature divides by at most 1/1e-5
+# (below GREEDY_BELOW is greedy); the penalty multiplies or divides by at most 100. No useful
+# setting lies outside them (a penalty of 100 or 1/100 already decides every repeated token).
+MAX_TEMPERATURE = 1e4
+MIN_TOP_P = 1.1754943508222875e-38  # the smallest normal float32; anything below keeps 1 token
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -55,15 +64,21 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got "
+                             f"{self.temperature}")
         _check_int("top_k", self.top_k, 0)
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p < MIN_TOP_P:
+            raise ValueError(f"top_p must be >= {MIN_TOP_P:.3g} (float32's smallest normal "
+                             f"number), got {self.top_p}")
         _check_number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}] (1 = off), "
+                             f"got {self.repetition_penalty}")
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
             if self.seed > MAX_SEED:
@@ -80,7 +95,8 @@ class SamplingParams:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-                raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters: {s!r}")
+                raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters, got "
+                                 f"{brief(s)}")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, "
                              f"got {len(self.stop_token_ids)}")
@@ -92,14 +108,21 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def brief(value: object, limit: int = 64) -> str:
+    """repr(value), cut to about `limit` characters: error messages quote input this way (a
+    status message must not grow with the request)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _check_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {brief(value)}")
 
 
 def _check_int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {low}, got {brief(value)}")
 
 
 def defaults_from_generation_config(gen: Mapping[str, object]) -> SamplingParams:

@@ -186,7 +186,6 @@ def call(channel: grpc.Channel, method: str, data: bytes) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the fixes are being merged")
 def test_malformed_requests_get_clear_errors_and_good_traffic_is_untouched(server):
     served, engine = server
     good_adapter = adapter_to_bytes(random_adapter(engine.info, 9),

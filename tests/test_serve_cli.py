@@ -6,11 +6,14 @@ NOT_SERVING, new calls are refused, a stream in flight finishes, exit status 0).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -168,3 +171,136 @@ def test_flags_and_environment_never_switch_security_off_by_word(monkeypatch, ca
             monkeypatch.delenv(k)
     server, _, _ = configs(["--auth-token", "off"])
     assert server.auth_token == "off"  # a (weak) token, never "no auth"
+
+
+# ---- process behaviour: ports, stuck workers, optional packages (issue 10) -----------------
+
+
+def tiny_serve(*args: str) -> Serve:
+    """`nora-serve` of the tiny test model (loads in seconds) on free ports."""
+    from nora_runtime.tiny import tiny_checkpoint
+
+    return Serve("--model", str(tiny_checkpoint()), "--device", "cpu", "--mode", "replace",
+                 "--kv-cache-tokens-cpu", "2048", *args)
+
+
+def port_of(line: str) -> int:
+    return int(line.split()[3].rsplit(":", 1)[1])
+
+
+def test_ports_in_use_fail_with_one_clear_line():
+    """Finding 12: two nora-serve processes bound the same gRPC port (SO_REUSEPORT) and shared
+    its calls at random; a /metrics port in use ended in an OSError traceback and "Event loop
+    is closed". Both now end with one clear line and exit status 1. With no --host the server
+    listens on 127.0.0.1 (finding 10)."""
+    first = tiny_serve("--port", "0", "--metrics-port", "0")
+    try:
+        line = first.wait_for("nora: listening on")
+        assert line.startswith("nora: listening on 127.0.0.1:")  # loopback by default
+        port = port_of(line)
+        assert first.wait_for("nora: metrics at").startswith("nora: metrics at http://127.0.0.1:")
+
+        second = tiny_serve("--port", str(port), "--metrics-port", "0")
+        assert second.proc.wait(60) == 1
+        out = second.wait_for("nora: cannot listen on")
+        assert out.startswith(f"nora: cannot listen on 127.0.0.1:{port} (gRPC)")
+
+        with socket.socket() as taken:  # a metrics port in use
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            third = tiny_serve("--port", "0", "--metrics-port", str(busy))
+            assert third.proc.wait(60) == 1
+            out = third.wait_for("nora: cannot listen on")
+            assert out.startswith(f"nora: cannot listen on 127.0.0.1:{busy} (/metrics)")
+        for s in (second, third):
+            s.output += list(iter_lines(s))
+            text = "\n".join(s.output)
+            assert "Traceback" not in text and "Event loop is closed" not in text, text
+        with NoraClient(f"127.0.0.1:{port}", retries=0, timeout=60) as nora:
+            assert nora.health() in ("SERVING", "NOT_SERVING")  # the first one still answers
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(60)
+
+
+def iter_lines(s: Serve):
+    while True:
+        try:
+            yield s.lines.get(timeout=1)
+        except queue.Empty:
+            return
+
+
+def test_sigterm_exits_with_a_worker_thread_stuck(tmp_path):
+    """Finding 7: with a worker thread stuck in a call that never returns (LoadAdapter of a
+    named pipe in the store; a chat template that loops for hours), SIGTERM printed "stopped"
+    but the process never exited. Now it exits within the grace period and a few seconds."""
+    from transformers import AutoTokenizer
+
+    from nora_runtime.tiny import tiny_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint(), model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = ("{% for i in range(100000) %}{% for j in range(100000) %}"
+                               "{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
+    tokenizer.save_pretrained(model)
+    store = tmp_path / "store"
+    store.mkdir()
+    s = Serve("--model", str(model), "--device", "cpu", "--mode", "replace",
+              "--kv-cache-tokens-cpu", "2048", "--port", "0", "--metrics-port", "off",
+              "--grace-seconds", "1", "--adapter-dir", str(store))
+    try:
+        port = port_of(s.wait_for("nora: listening on"))
+        s.wait_for("nora: serving")
+        os.mkfifo(store / "pipe.safetensors")  # never written: an open for reading blocks
+
+        def call(fn) -> None:
+            with NoraClient(f"127.0.0.1:{port}", retries=0, timeout=60) as nora, \
+                    contextlib.suppress(grpc.RpcError):
+                fn(nora)
+
+        stuck = [threading.Thread(target=call, args=(fn,), daemon=True) for fn in (
+            lambda nora: nora.load_adapter("pipe", path="pipe.safetensors"),
+            lambda nora: nora.generate(messages=[{"role": "user", "content": "hi"}]))]
+        for t in stuck:
+            t.start()
+        time.sleep(3)  # both calls reach their worker threads
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(1 + 15) == 0, "the process did not exit"
+        assert time.monotonic() - start < 1 + 15
+        s.wait_for("nora: stopped")
+    finally:
+        s.kill()
+
+
+def test_optional_package_failing_at_import_is_skipped(tmp_path):
+    """Code review: grpcio-health-checking newer than grpcio raises RuntimeError at import,
+    which crashed startup. Any import failure of an optional package is logged and skipped."""
+    # as the real packages' generated *_pb2_grpc modules do (the top-level package imports:
+    # `import grpc` imports it and catches only ImportError)
+    for name, sub in (("grpc_health", "v1"), ("grpc_reflection", "v1alpha")):
+        (tmp_path / name / sub).mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+        (tmp_path / name / sub / "__init__.py").write_text(
+            "raise RuntimeError('the generated code depends on grpcio>=9.9')\n")
+    script = (
+        "import asyncio\n"
+        "from nora_server.app import NoraServer\n"
+        "from nora_server.config import ServerConfig\n"
+        "async def main():\n"
+        "    server = NoraServer(ServerConfig(port=0, metrics_port=None))\n"
+        "    await server.start()\n"
+        "    print('started', server.port > 0, server._health is None, flush=True)\n"
+        "    await server.stop(0)\n"
+        "asyncio.run(main())\n")
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "started True True"
+    assert "grpcio-health-checking failed to import (RuntimeError" in out.stderr
+    assert "grpcio-reflection failed to import (RuntimeError" in out.stderr

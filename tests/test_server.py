@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import ssl
 import threading
 import time
 import urllib.request
@@ -39,13 +40,15 @@ class ServerThread:
     """A NoraServer on its own event-loop thread, on 127.0.0.1 with free ports."""
 
     def __init__(self, engine: Engine | None, **config) -> None:
-        self.config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, **config)
+        config = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **config}
+        self.config = ServerConfig(**config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = NoraServer(self.config, engine)
         self.call(self.server.start())
         self.target = f"127.0.0.1:{self.server.port}"
+        self.metrics_token = config.get("admin_token") or config.get("auth_token")
 
     def call(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -54,10 +57,21 @@ class ServerThread:
         kw.setdefault("timeout", 60)
         return NoraClient(self.target, **kw)
 
+    def scrape(self, token: str | None = None) -> str:
+        """/metrics over HTTP (HTTPS with TLS, trusting the server's certificate), with a
+        bearer token when given."""
+        tls = self.config.tls_cert
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.metrics_port}/metrics"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        context = ssl.create_default_context(cafile=tls) if tls else None
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10,
+                                    context=context) as reply:
+            return reply.read().decode()
+
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """/metrics over HTTP, parsed: (sample name, sorted labels) -> value."""
-        url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        """/metrics over HTTP, parsed: (sample name, sorted labels) -> value (scraped with
+        `metrics_token` when set)."""
+        text = self.scrape(self.metrics_token)
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -484,8 +498,8 @@ def test_bearer_tokens_over_tls(engine, tmp_path):
             assert nora.health() == "SERVING"
             assert nora.generate(PROMPT, **SHORT).usage.completion_tokens == 12
             code, message = code_of(nora.load_adapter, "t", data=data)
-            assert code == Code.UNAUTHENTICATED and "admin token" in message
-            assert code_of(nora.unload_adapter, "a")[0] == Code.UNAUTHENTICATED
+            assert code == Code.PERMISSION_DENIED and "admin token" in message
+            assert code_of(nora.unload_adapter, "a")[0] == Code.PERMISSION_DENIED
         with client(token="user-secret", admin_token="admin-secret") as nora:
             assert nora.load_adapter("t", data=data).adapter_id == "t"
             assert nora.generate(PROMPT, adapter_id="t", **SHORT).adapter_id == "t"

@@ -6,8 +6,14 @@ RPCs refused, in-flight ones given the grace period, then cancelled (which abort
 requests). `serve()` is all of that for `nora-serve`, stopping on SIGTERM or SIGINT.
 
 Health checking and reflection come from grpcio-health-checking and grpcio-reflection. Where
-those packages are missing (a machine with grpcio but nothing else installable), the server
-still serves nora.v1 and logs that health checking or reflection is off.
+those packages are missing or fail to import (a machine with grpcio but nothing else
+installable; a version that does not match grpcio raises at import), the server still serves
+nora.v1 and logs that health checking or reflection is off.
+
+Exposure: the server listens on 127.0.0.1 unless told otherwise (`host`), /metrics on the same
+host (`metrics_host`). The gRPC port is bound exclusively (no SO_REUSEPORT: a second server on
+the same port fails instead of sharing the traffic at random). With auth on, /metrics needs a
+bearer token as the RPCs do, over HTTPS when the server has TLS.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,10 +31,10 @@ from nora_proto.v1 import nora_pb2, nora_pb2_grpc
 from nora_runtime.checkpoint import MissingModelPackages
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine, EngineStats
-from nora_server.auth import AuthInterceptor, server_credentials
+from nora_server.auth import Auth, AuthInterceptor, server_credentials
 from nora_server.config import ServerConfig
 from nora_server.metrics import Metrics
-from nora_server.service import NoraService
+from nora_server.service import DecodeInterceptor, NoraService
 
 log = logging.getLogger("nora_server")
 
@@ -37,13 +44,18 @@ DEMO_ADAPTER_DIR = Path(__file__).parent / "demo_adapters"
 SERVICE_NAME = nora_pb2.DESCRIPTOR.services_by_name["Nora"].full_name  # "nora.v1.Nora"
 
 
+class ListenError(Exception):
+    """A port the server cannot listen on (in use, or an address it cannot bind)."""
+
+
 class NoraServer:
     """One gRPC server (and its /metrics endpoint) for one engine."""
 
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
+        self.auth = Auth.from_config(config)  # ValueError for a malformed tokens file
         self.metrics = Metrics(self._stats, adapter_labels=config.metrics_adapter_labels)
-        self.service = NoraService(config, self.metrics)
+        self.service = NoraService(config, self.metrics, auth=self.auth)
         self._pending_engine = engine
         self._server: grpc.aio.Server | None = None
         self._health = None  # grpc_health's servicer, when the package is there
@@ -54,36 +66,60 @@ class NoraServer:
         engine = self.service.engine
         return None if engine is None else engine.stats()
 
+    def _count(self, code: str) -> Callable[[str], None]:
+        return lambda method: self.metrics.rpcs.labels(method.rsplit("/", 1)[-1], code).inc()
+
     async def start(self) -> None:
+        """Listen (gRPC, then /metrics). ListenError when a port cannot be bound (nothing is
+        left listening then)."""
         c = self.config
         interceptors = []
-        if c.auth_token or c.admin_token:
-            interceptors.append(AuthInterceptor(
-                c.auth_token, c.admin_token,
-                on_reject=lambda m: self.metrics.rpcs.labels(m.rsplit("/", 1)[-1],
-                                                             "UNAUTHENTICATED").inc()))
+        if self.auth.enabled:
+            interceptors.append(AuthInterceptor(self.auth,
+                                                on_reject=self._count("UNAUTHENTICATED")))
+        interceptors.append(DecodeInterceptor(on_error=self._count("INVALID_ARGUMENT")))
         options = [("grpc.max_receive_message_length", c.max_message_bytes),
-                   ("grpc.max_send_message_length", c.max_message_bytes)]
+                   ("grpc.max_send_message_length", c.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]  # a port in use is an error, not shared
         self._server = server = grpc.aio.server(interceptors=interceptors, options=options)
         nora_pb2_grpc.add_NoraServicer_to_server(self.service, server)
         names = [SERVICE_NAME]
         self._health, health_name = await _add_health(server)
         names += [health_name] if health_name else []
         _add_reflection(server, names)
-        address = f"{c.host}:{c.port}"
-        if c.tls_cert:
-            creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
+        host = f"[{c.host}]" if ":" in c.host and not c.host.startswith("[") else c.host
+        address = f"{host}:{c.port}"
+        try:
+            if c.tls_cert:
+                creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            raise ListenError(f"cannot listen on {address} (gRPC): the port is in use or the "
+                              f"address is not this machine's ({exc})") from exc
+        if not self.port:  # older grpcio report a failed bind as port 0
+            raise ListenError(f"cannot listen on {address} (gRPC): the port is in use or the "
+                              "address is not this machine's")
         await server.start()
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+            metrics_host = c.metrics_host or c.host
+            try:
+                self.metrics_port = self.metrics.serve(
+                    c.metrics_port, metrics_host,
+                    authorize=(lambda t: self.auth.lookup(t) is not None)
+                    if self.auth.enabled else None,
+                    tls=(c.tls_cert, c.tls_key) if c.tls_cert else None)
+            except OSError as exc:
+                await server.stop(0)
+                raise ListenError(f"cannot listen on {metrics_host}:{c.metrics_port} (/metrics): "
+                                  f"{exc.strerror or exc}") from exc
         if self._pending_engine is not None:
             await self.attach(self._pending_engine)
 
     async def attach(self, engine: Engine) -> None:
         """Serve `engine` (loaded and started) from now on; health turns SERVING."""
+        await self.service.prepare(engine)
         self.service.engine = engine
         await self._set_health(serving=True)
 
@@ -97,6 +133,7 @@ class NoraServer:
         if self._server is not None:
             await self._server.stop(grace)
         self.metrics.close()
+        self.service.close()
 
     async def _set_health(self, serving: bool) -> None:
         if self._health is None:
@@ -117,6 +154,10 @@ async def _add_health(server: grpc.aio.Server):
     except ImportError:
         log.warning("grpcio-health-checking is not installed: no grpc.health.v1 service")
         return None, None
+    except Exception as exc:  # e.g. a version newer than grpcio raises RuntimeError
+        log.warning("grpcio-health-checking failed to import (%s: %s): no grpc.health.v1 "
+                    "service", type(exc).__name__, exc)
+        return None, None
     servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -129,6 +170,10 @@ def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
         from grpc_reflection.v1alpha import reflection
     except ImportError:
         log.warning("grpcio-reflection is not installed: no server reflection")
+        return
+    except Exception as exc:  # e.g. a version newer than grpcio raises RuntimeError
+        log.warning("grpcio-reflection failed to import (%s: %s): no server reflection",
+                    type(exc).__name__, exc)
         return
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
 
@@ -203,7 +248,11 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
         loop.add_signal_handler(sig, stop.set)
 
     server = NoraServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except ListenError as exc:
+        announce(f"nora: {exc}")
+        raise SystemExit(1) from None
     where = "localhost" if config.host in ("0.0.0.0", "::", "[::]") else config.host
     announce(f"nora: listening on {config.host}:{server.port} "
              f"({'TLS' if config.tls_cert else 'plaintext'}); loading "
@@ -229,13 +278,17 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
         announce(f"nora: serving {i.name} ({i.mode} mode, {i.device}, {i.dtype}) on "
                  f"{config.host}:{server.port}")
         if server.metrics_port is not None:
-            announce(f"nora: metrics at http://{where}:{server.metrics_port}/metrics")
+            host = config.metrics_host or config.host
+            host = "localhost" if host in ("0.0.0.0", "::", "[::]") else host
+            scheme = "https" if config.tls_cert else "http"
+            announce(f"nora: metrics at {scheme}://{host}:{server.metrics_port}/metrics"
+                     + (" (with a bearer token)" if server.auth.enabled else ""))
         announce(f"nora: adapters: {', '.join(adapters) or '(none)'}")
         example = f" --adapter {adapters[0]}" if adapters else ""
         flags = "" if server.port == 50051 and where == "localhost" else (
             f" --target {where}:{server.port}")
         flags += " --tls-ca CERT.pem" if config.tls_cert else ""
-        flags += " --token TOKEN" if config.auth_token else ""
+        flags += " --token TOKEN" if server.auth.enabled else ""
         if engine.tokenizer.chat_template:
             announce(f'nora: try   nora{flags} generate --chat{example} '
                      '"What is the capital of France?"')

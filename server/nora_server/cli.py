@@ -2,7 +2,8 @@
 
 Every flag has an environment variable: --max-input-tokens is NORA_MAX_INPUT_TOKENS, and so on
 (flags win). Defaults come from EngineConfig and ServerConfig. Prefer the environment for
-tokens (NORA_AUTH_TOKEN, NORA_ADMIN_TOKEN): command lines are visible to other users.
+tokens (NORA_AUTH_TOKEN, NORA_ADMIN_TOKEN) or a tokens file: command lines are visible to
+other users. The server listens on 127.0.0.1 unless --host says otherwise.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 
 from nora_runtime.config import EngineConfig
 from nora_server.app import serve
+from nora_server.auth import Auth
 from nora_server.config import ServerConfig
+
+# After "nora: stopped", the process exits within this many seconds even if a worker thread is
+# stuck in a call that never returns (say, a read of a named pipe): the interpreter's exit
+# would wait for it forever.
+EXIT_SECONDS = 5.0
 
 ENGINE_FLAGS = {  # EngineConfig field -> help
     "model": "checkpoint directory, hub id or .gguf file (default: SmolLM2-135M-Instruct)",
@@ -26,6 +34,8 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
             "(exact base model; adapters add a bounded change)",
     "groups": "rational groups of the coefficient table",
     "max_adapters": "adapter slots resident at once",
+    "max_inline_adapters": "of the slots, those inline adapters (sent as bytes in requests) "
+                           "may take (none: a quarter)",
     "max_num_seqs": "running sequences at most (batch size)",
     "max_num_batched_tokens": "token budget of one engine step",
     "max_model_len": "prompt + generated tokens of one sequence",
@@ -36,21 +46,32 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
     "seed": "seed for requests without one of their own",
 }
 SERVER_FLAGS = {  # ServerConfig field -> help
-    "host": "address to listen on",
+    "host": "address to listen on (0.0.0.0 or :: to expose the server to the network)",
     "port": "gRPC port (0: any free port)",
     "metrics_port": "Prometheus /metrics HTTP port (off: none)",
+    "metrics_host": "address /metrics listens on (default: --host)",
     "adapter_dir": "adapter store: LoadAdapter paths resolve inside it; its *.safetensors "
                    "files are loaded at startup under their names",
     "max_input_tokens": "longest prompt accepted, in tokens (default: max model length - 1)",
     "max_total_tokens": "prompt + max_new_tokens at most (default: max model length)",
     "max_concurrent_requests": "generations in flight at most; more get RESOURCE_EXHAUSTED",
+    "max_tenant_requests": "generations in flight per tenant (default: half of "
+                           "--max-concurrent-requests with two or more tenants, else all)",
+    "max_text_bytes": "longest prompt, Tokenize text or chat in UTF-8 bytes (default: "
+                      "max input tokens x the longest token)",
+    "tokenize_threads": "threads for tokenizing and chat templating",
+    "tokenize_queue": "tokenizing calls waiting at most; more get RESOURCE_EXHAUSTED",
     "max_message_bytes": "largest gRPC message (inline adapters travel in one)",
     "grace_seconds": "on SIGTERM/SIGINT, how long in-flight requests get to finish",
     "tls_cert": "TLS certificate chain (PEM); with --tls-key, serve TLS",
     "tls_key": "TLS private key (PEM)",
     "tls_client_ca": "require client certificates signed by this CA (mTLS)",
-    "auth_token": "bearer token every RPC must carry (prefer NORA_AUTH_TOKEN)",
-    "admin_token": "bearer token LoadAdapter/UnloadAdapter require (prefer NORA_ADMIN_TOKEN)",
+    "tokens_file": "bearer tokens, one 'TOKEN TENANT ROLE' a line (role user or admin); "
+                   "every RPC and /metrics then need one of them",
+    "auth_token": "a bearer token of tenant 'default', role user (prefer NORA_AUTH_TOKEN)",
+    "admin_token": "a bearer token of tenant 'admin', role admin: LoadAdapter/UnloadAdapter "
+                   "require an admin (without one: loopback clients only) "
+                   "(prefer NORA_ADMIN_TOKEN)",
     "metrics_adapter_labels": "adapter ids with their own metrics label; later ones count "
                               "as 'other'",
 }
@@ -127,6 +148,10 @@ def configs(argv: list[str] | None = None) -> tuple[ServerConfig, EngineConfig, 
         parser.error(str(exc))
     if server.adapter_dir is not None and not os.path.isdir(server.adapter_dir):
         parser.error(f"--adapter-dir {server.adapter_dir!r} is not a directory")
+    try:
+        Auth.from_config(server)  # a malformed tokens file stops the server here
+    except ValueError as exc:
+        parser.error(str(exc))
     return server, engine, args["log_level"]
 
 
@@ -134,7 +159,51 @@ def main(argv: list[str] | None = None) -> None:
     server, engine, level = configs(argv)
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(server, engine))
+    code: int | str | None = 0
+    try:
+        _run(serve(server, engine))
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        _exit_soon(1)
+        raise
+    _exit_soon(code)
+    sys.exit(code)
+
+
+def _run(main_coroutine) -> None:
+    """asyncio.run without its wait for the default executor's threads at the end (a stuck
+    one would hang the exit; nora's own workers are daemon threads)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main_coroutine)
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _exit_soon(code: int | str | None) -> None:
+    """Exit with `code` in EXIT_SECONDS at the latest, whatever non-daemon thread is stuck."""
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+
+    def hard_exit() -> None:
+        logging.getLogger("nora_server").warning(
+            "a worker thread is stuck; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    timer = threading.Timer(EXIT_SECONDS, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":

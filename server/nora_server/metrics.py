@@ -15,10 +15,14 @@ under "inline" and requests without an adapter under "base": at most K + 3 serie
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -74,6 +78,8 @@ class EngineCollector(Collector):
             ("nora_adapter_slots_used", "Adapter slots holding an adapter", s.slots_used),
             ("nora_adapter_slots_total", "Adapter slots of the coefficient table",
              s.slots_total),
+            ("nora_adapters_registered", "Adapter ids registered (resident in a slot or not)",
+             s.adapters_registered),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
@@ -82,6 +88,10 @@ class EngineCollector(Collector):
             ("nora_preemptions", "Sequences preempted for KV cache space", s.preemptions),
             ("nora_adapter_loads", "Adapters loaded (including replaces)", s.adapter_loads),
             ("nora_adapter_evictions", "Idle adapters evicted for a slot", s.adapter_evictions),
+            ("nora_adapter_inline_evictions", "Of the evictions, those of inline adapters",
+             s.adapter_inline_evictions),
+            ("nora_adapter_reloads", "Evicted named adapters reloaded from the store on use",
+             s.adapter_reloads),
             ("nora_adapter_load_failures", "Adapter loads refused (bad file, path or model)",
              s.adapter_load_failures),
         ]
@@ -129,13 +139,54 @@ class Metrics:
         r.register(EngineCollector(stats))
         self._http = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics over HTTP; returns the bound port (`port` 0: any free one)."""
-        self._http, _ = start_http_server(port, host, registry=self.registry)
-        return self._http.server_port
+    def serve(self, port: int, host: str = "127.0.0.1", *,
+              authorize: Callable[[str | None], bool] | None = None,
+              tls: tuple[str, str] | None = None) -> int:
+        """Serve /metrics over HTTP (HTTPS with `tls`: certificate and key PEM files); returns
+        the bound port (`port` 0: any free one). With `authorize`, a scrape must carry an
+        `Authorization: Bearer <token>` header whose token it accepts (401 otherwise). Raises
+        OSError when the port cannot be bound."""
+        app = make_wsgi_app(self.registry)
+        if authorize is not None:
+            app = _guarded(app, authorize)
+        host = host.strip("[]")  # "[::]" -> "::"
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+        http = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            http.socket = context.wrap_socket(http.socket, server_side=True)
+        threading.Thread(target=http.serve_forever, name="nora-metrics", daemon=True).start()
+        self._http = http
+        return http.server_port
 
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress never holds the process up
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # no access log on stderr
+        pass
+
+
+def _guarded(app, authorize: Callable[[str | None], bool]):
+    """`app` behind a bearer-token check (401 without an accepted token)."""
+
+    def guarded(environ, start_response):
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        if not authorize(token):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                 ("WWW-Authenticate", 'Bearer realm="nora"')])
+            return [b"/metrics needs a bearer token (Authorization: Bearer <token>)\n"]
+        return app(environ, start_response)
+    return guarded

@@ -3,8 +3,14 @@
 Protos stay at this edge (DESIGN.md s4): requests become `SamplingParams`, token ids and an
 adapter here, and engine `TokenEvent`s become `GenerateResponse`s. Nothing here blocks the
 event loop: generation awaits the engine thread's events (`Engine.generate_async`), and
-tokenizing, chat templating, loading and unloading run on worker threads, so no RPC waits for
-another.
+tokenizing and chat templating run on their own bounded pool of worker threads, loading and
+unloading on another (workers.py), so no RPC waits for another kind. Sizes are checked before
+any costly work: a text longer in bytes than the input token limit times the vocabulary's
+longest token cannot fit and is refused before it is tokenized.
+
+Every RPC has a caller (auth.py: a tenant and whether it is an admin). The tenant scopes request
+ids and the engine's fairness, and has a quota of generations in flight; LoadAdapter and
+UnloadAdapter need an admin; ListAdapters shows inline adapters to admins only.
 
 A request's input is exactly one of `prompt` (text), `token_ids` and `messages` (a
 conversation, through the model's chat template with the assistant's generation prompt; the
@@ -15,12 +21,20 @@ ids lack it, and reported as EOS). Unset sampling fields take the model's defaul
 Errors map to status codes in one place (`status_of`):
 
     ValueError (bad parameters, over a limit, not exactly one input, messages the chat
-      template refuses), AdapterError, AdapterPathError                      INVALID_ARGUMENT
+      template refuses), AdapterError, AdapterPathError, request bytes that do not
+      decode (DecodeInterceptor)                                             INVALID_ARGUMENT
     AdapterNotFound                                                            NOT_FOUND
     AdapterMismatchError (another base model, mode, activation, groups),
       NoChatTemplate (messages for a model without a chat template)            FAILED_PRECONDITION
-    RegistryFull, too many requests in flight                                 RESOURCE_EXHAUSTED
+    RegistryFull, too many requests in flight (server or tenant quota),
+      tokenizer or adapter workers busy (workers.Busy)                        RESOURCE_EXHAUSTED
+    missing or unknown bearer token (auth.AuthInterceptor)                    UNAUTHENTICATED
+    an admin RPC from a caller that is not an admin                           PERMISSION_DENIED
     no model loaded yet, shutting down                                        UNAVAILABLE
+
+Status messages are cut to MAX_STATUS_BYTES (they travel in a header; one that quoted a
+20,000-character input used to fail the call with "metadata size exceeds"), and messages that
+quote input quote a shortened repr (`brief`).
 
 A client's cancellation or deadline cancels the handler; leaving `generate_async` then aborts
 the engine request, which frees its KV blocks and adapter slot within one step.
@@ -35,7 +49,8 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 import grpc
@@ -50,11 +65,19 @@ from nora_runtime.chat import (
     has_chat_template,
 )
 from nora_runtime.engine import Engine, TokenEvent
-from nora_runtime.registry import MAX_ID_LEN, AdapterInfo, AdapterNotFound, RegistryFull
+from nora_runtime.registry import (
+    INLINE_PREFIX,
+    MAX_ID_LEN,
+    AdapterInfo,
+    AdapterNotFound,
+    RegistryFull,
+)
 from nora_runtime.sampling import SamplingParams
 from nora_server import __version__
+from nora_server.auth import Auth, Caller
 from nora_server.config import ServerConfig
 from nora_server.metrics import Metrics
+from nora_server.workers import Busy, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +89,10 @@ FINISH = {  # engine finish reason -> proto enum, metrics label
     "time_limit": (nora_pb2.FINISH_REASON_TIME_LIMIT, "time_limit"),
     "error": (nora_pb2.FINISH_REASON_ERROR, "error"),
 }
+
+
+MAX_STATUS_BYTES = 1024  # status messages are cut to this much UTF-8
+MAX_PATH_BYTES = 4096  # LoadAdapter paths (Linux's PATH_MAX)
 
 
 # How a handler learns that its RPC is over: grpc.aio cancels the handler's task while it
@@ -90,6 +117,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
         (NoChatTemplate, grpc.StatusCode.FAILED_PRECONDITION),
         (RegistryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for kind, code in table:
@@ -98,15 +126,25 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error (the server log has the details)"
 
 
+def clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """`message` cut to at most `limit` bytes of UTF-8 (on a character boundary)."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    suffix = f"... ({len(data)} bytes, cut)"
+    return data[:limit - len(suffix)].decode("utf-8", "ignore") + suffix
+
+
 def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     remaining = context.time_remaining()
     expired = remaining is not None and remaining <= 0
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
-def rpc(method):
-    """Decorate a servicer method (coroutine or async generator): map exceptions to status
-    codes and count every call in nora_rpc_requests_total{method, code}."""
+def rpc(method, *, admin: bool = False):
+    """Decorate a servicer method (coroutine or async generator) `fn(self, request, context,
+    caller)`: derive the caller (PERMISSION_DENIED for an `admin` RPC from a non-admin), map
+    exceptions to status codes and count every call in nora_rpc_requests_total{method, code}."""
 
     def decorate(fn):
         async def fail(self, exc: Exception, context) -> None:  # raises (context.abort)
@@ -114,13 +152,14 @@ def rpc(method):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)
             self.metrics.rpcs.labels(method, code.name).inc()
-            await context.abort(code, message)
+            await context.abort(code, clip(message))
 
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
             async def streaming(self, request, context):
                 try:
-                    async with aclosing(fn(self, request, context)) as responses:
+                    caller = self.caller(context, admin=admin)
+                    async with aclosing(fn(self, request, context, caller)) as responses:
                         async for response in responses:
                             yield response
                 except CANCELLED:
@@ -134,7 +173,7 @@ def rpc(method):
         @functools.wraps(fn)
         async def unary(self, request, context):
             try:
-                response = await fn(self, request, context)
+                response = await fn(self, request, context, self.caller(context, admin=admin))
             except CANCELLED:
                 self.metrics.rpcs.labels(method, _cancel_code(context).name).inc()
                 raise
@@ -189,11 +228,30 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     """Serves `engine` (None until the model is loaded: RPCs answer UNAVAILABLE)."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics,
-                 engine: Engine | None = None) -> None:
+                 engine: Engine | None = None, auth: Auth | None = None) -> None:
         self.config, self.metrics, self.engine = config, metrics, engine
+        self.auth = auth if auth is not None else Auth()
         self.accepting = True  # False once draining: new generations answer UNAVAILABLE
         self.in_flight = 0  # generations admitted and not finished (event-loop thread only)
+        self.tenant_in_flight: Counter[str] = Counter()  # the same, per tenant
+        self.tenant_limit = tenant_limit(config, len(self.auth.tenants))
         self._eot: tuple[Engine, tuple[int, ...]] | None = None  # end_of_turn_ids, per engine
+        self._longest: tuple[Engine, int] | None = None  # longest token in bytes, per engine
+        self.text_pool = WorkerPool("tokenizer", config.tokenize_threads, config.tokenize_queue)
+        self.adapter_pool = WorkerPool("adapter", 4, 64)
+
+    def close(self) -> None:
+        self.text_pool.close()
+        self.adapter_pool.close()
+
+    def caller(self, context, *, admin: bool = False) -> Caller:
+        """The caller of the RPC of `context`; RpcError unless it may call it."""
+        caller = self.auth.caller(context.invocation_metadata(), context.peer())
+        if caller is None:  # the AuthInterceptor refuses these first
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        if admin and (why := self.auth.admin_refusal(caller)):
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, why)
+        return caller
 
     # ---- limits ---------------------------------------------------------------------------
 
@@ -211,11 +269,53 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     def max_total_tokens(self, engine: Engine) -> int:
         return min(self.config.max_total_tokens or engine.max_model_len, engine.max_model_len)
 
+    async def prepare(self, engine: Engine) -> None:
+        """Work done once per engine before it serves (so no RPC waits for it)."""
+        await self.max_text_bytes(engine)
+
+    async def max_text_bytes(self, engine: Engine) -> int:
+        """The longest text (UTF-8 bytes) worth tokenizing: one longer than the input token
+        limit times the vocabulary's longest token cannot fit; config.max_text_bytes may cut
+        it further."""
+        if self._longest is None or self._longest[0] is not engine:
+            longest = await self.text_pool.run(longest_token_bytes, engine.tokenizer)
+            self._longest = (engine, longest)
+        fits = self.max_input_tokens(engine) * self._longest[1]
+        return min(fits, self.config.max_text_bytes or fits)
+
+    async def _check_text(self, engine: Engine, what: str, nbytes: int) -> None:
+        limit = await self.max_text_bytes(engine)
+        if nbytes > limit:
+            raise ValueError(f"{what} has {nbytes} bytes; the limit is {limit} (at most "
+                             f"{self.max_input_tokens(engine)} tokens)")
+
+    def _admit(self, tenant: str) -> None:
+        """Count a generation in flight, or RESOURCE_EXHAUSTED over the server's limit or the
+        tenant's quota (before any costly work)."""
+        limit = self.config.max_concurrent_requests
+        if self.in_flight >= limit:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"server busy: {self.in_flight} requests in flight, the limit is "
+                           f"{limit}; retry later")
+        if tenant and self.tenant_in_flight[tenant] >= self.tenant_limit:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"tenant quota: {self.tenant_in_flight[tenant]} of your requests are "
+                           f"in flight, the per-tenant limit (max_tenant_requests) is "
+                           f"{self.tenant_limit}; retry later")
+        self.in_flight += 1
+        self.tenant_in_flight[tenant] += 1
+
+    def _leave(self, tenant: str) -> None:
+        self.in_flight -= 1
+        self.tenant_in_flight[tenant] -= 1
+        if not self.tenant_in_flight[tenant]:
+            del self.tenant_in_flight[tenant]
+
     # ---- generation -----------------------------------------------------------------------
 
     @rpc("Generate")
-    async def Generate(self, request, context) -> nora_pb2.GenerateResponse:
-        parts = [part async for part in self._generate(request)]
+    async def Generate(self, request, context, caller: Caller) -> nora_pb2.GenerateResponse:
+        parts = [part async for part in self._generate(request, caller)]
         out = nora_pb2.GenerateResponse()
         for part in parts:
             out.MergeFrom(part)  # appends token ids and logprobs; set scalars of later parts win
@@ -223,12 +323,14 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         return out
 
     @rpc("GenerateStream")
-    async def GenerateStream(self, request, context) -> AsyncIterator[nora_pb2.GenerateResponse]:
-        async with aclosing(self._generate(request)) as parts:
+    async def GenerateStream(self, request, context,
+                             caller: Caller) -> AsyncIterator[nora_pb2.GenerateResponse]:
+        async with aclosing(self._generate(request, caller)) as parts:
             async for part in parts:
                 yield part
 
-    async def _generate(self, request) -> AsyncIterator[nora_pb2.GenerateResponse]:
+    async def _generate(self, request,
+                        caller: Caller) -> AsyncIterator[nora_pb2.GenerateResponse]:
         engine = self._engine()
         if not self.accepting:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -239,11 +341,9 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             raise ValueError(f"time_limit_seconds must be finite and >= 0, got {time_limit}")
         if len(request.request_id) > MAX_ID_LEN or not request.request_id.isprintable():
             raise ValueError(f"request_id must be printable, at most {MAX_ID_LEN} characters")
-        if self.in_flight >= self.config.max_concurrent_requests:  # before any costly work
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"server busy: {self.in_flight} requests in flight, the limit is "
-                           f"{self.config.max_concurrent_requests}; retry later")
-        self.in_flight += 1
+        if request.WhichOneof("adapter") == "adapter_id":
+            _check_adapter_id(request.adapter_id)
+        self._admit(caller.tenant)
         hold = None  # an inline adapter's slot, held until the engine request takes it over
         try:
             ids = await self._prompt_ids(request, input_kind, engine)
@@ -256,19 +356,21 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 if end_of_turn:
                     params = dataclasses.replace(
                         params, stop_token_ids=params.stop_token_ids + end_of_turn)
-            adapter = None  # an adapter id, or the hold on an inline adapter's slot
-            adapter_id = ""
-            if request.WhichOneof("adapter") == "adapter_bytes":
-                # validate, load and hold its slot off the event loop; the engine request takes
-                # the hold over, so no other load can evict it in between
-                adapter = hold = await engine.hold_adapter_async(request.adapter_bytes)
-                adapter_id = hold.id
-            elif request.WhichOneof("adapter") == "adapter_id":
-                adapter = adapter_id = request.adapter_id
+            # hold the adapter's slot until the engine request takes the hold over, so that no
+            # other load can evict it in between: a resident named adapter at once; inline bytes
+            # (validated) and a named adapter reloaded from the store on the adapter workers
+            which = request.WhichOneof("adapter")
+            if which == "adapter_id":
+                hold = engine.registry.try_hold(request.adapter_id)
+            if which == "adapter_bytes" or (which == "adapter_id" and hold is None):
+                hold = await engine.hold_adapter_async(getattr(request, which),
+                                                       run=self.adapter_pool.run)
+            adapter_id = hold.id if hold is not None else ""
             deadline = time.monotonic() + time_limit if time_limit > 0 else None
             tracker = _Tracker(self.metrics, adapter_id)
-            events = engine.generate_async(ids, params, adapter=adapter, deadline=deadline,
-                                           request_id=request.request_id or None)
+            events = engine.generate_async(ids, params, adapter=hold, deadline=deadline,
+                                           request_id=request.request_id or None,
+                                           tenant=caller.tenant)
             first = True
             try:
                 async with aclosing(events):  # leaving early aborts the engine request
@@ -282,7 +384,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 tracker.done("cancelled")
                 raise
         finally:
-            self.in_flight -= 1
+            self._leave(caller.tenant)
             if hold is not None:  # never submitted (an error or cancel came first)
                 hold.release()
 
@@ -292,7 +394,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         elif kind == "messages":
             ids = await self._chat_ids(request.messages, engine)
         else:
-            ids = await asyncio.to_thread(engine.tokenizer.encode, request.prompt)
+            await self._check_text(engine, "the prompt", len(request.prompt.encode()))
+            ids = await self.text_pool.run(engine.tokenizer.encode, request.prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         vocab = engine.info.vocab_size
@@ -308,12 +411,14 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         # every message takes at least one token, so more than the input limit cannot fit
         check_messages(conversation, max_messages=self.max_input_tokens(engine))
-        return await asyncio.to_thread(chat_token_ids, engine.tokenizer, conversation)
+        await self._check_text(engine, "the messages", sum(
+            len(m.role.encode()) + len(m.content.encode()) for m in messages))
+        return await self.text_pool.run(chat_token_ids, engine.tokenizer, conversation)
 
     async def _end_of_turn(self, engine: Engine) -> tuple[int, ...]:
         """The chat template's end-of-turn token of `engine` (probed once per engine)."""
         if self._eot is None or self._eot[0] is not engine:
-            self._eot = (engine, await asyncio.to_thread(end_of_turn_ids, engine.tokenizer))
+            self._eot = (engine, await self.text_pool.run(end_of_turn_ids, engine.tokenizer))
         return self._eot[1]
 
     def _check_lengths(self, engine: Engine, n_input: int, max_new_tokens: int) -> None:
@@ -347,19 +452,20 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     # ---- model ----------------------------------------------------------------------------
 
     @rpc("Tokenize")
-    async def Tokenize(self, request, context) -> nora_pb2.TokenizeResponse:
+    async def Tokenize(self, request, context, caller: Caller) -> nora_pb2.TokenizeResponse:
         engine = self._engine()
         if request.messages:
             if request.text:
                 raise ValueError("give text or messages, not both")
             ids = await self._chat_ids(request.messages, engine)
         else:
-            ids = await asyncio.to_thread(engine.tokenizer.encode, request.text,
-                                          add_special_tokens=request.add_special_tokens)
+            await self._check_text(engine, "the text", len(request.text.encode()))
+            ids = await self.text_pool.run(engine.tokenizer.encode, request.text,
+                                           add_special_tokens=request.add_special_tokens)
         return nora_pb2.TokenizeResponse(token_ids=ids)
 
     @rpc("ModelInfo")
-    async def ModelInfo(self, request, context) -> nora_pb2.ModelInfoResponse:
+    async def ModelInfo(self, request, context, caller: Caller) -> nora_pb2.ModelInfoResponse:
         engine = self._engine()
         i = engine.info
         return nora_pb2.ModelInfoResponse(
@@ -376,30 +482,114 @@ class NoraService(nora_pb2_grpc.NoraServicer):
 
     # ---- adapters -------------------------------------------------------------------------
 
-    @rpc("LoadAdapter")
-    async def LoadAdapter(self, request, context) -> nora_pb2.LoadAdapterResponse:
+    @rpc("LoadAdapter", admin=True)
+    async def LoadAdapter(self, request, context, caller: Caller) -> nora_pb2.LoadAdapterResponse:
         engine = self._engine()
         which = request.WhichOneof("source")
         if which is None:
             raise ValueError("LoadAdapter needs a path (inside the adapter store) or data")
+        _check_adapter_id(request.adapter_id)
+        if which == "path" and len(request.path.encode()) > MAX_PATH_BYTES:
+            raise ValueError(f"path must be at most {MAX_PATH_BYTES} bytes, got "
+                             f"{len(request.path.encode())}")
         source = request.path if which == "path" else request.data
-        info = await asyncio.to_thread(engine.load_adapter, request.adapter_id, source)
+        info = await self.adapter_pool.run(engine.load_adapter, request.adapter_id, source)
         self.metrics.adapter_label(info.id)  # loaded ids claim their metric labels first
         return nora_pb2.LoadAdapterResponse(adapter=_adapter_info(info))
 
-    @rpc("UnloadAdapter")
-    async def UnloadAdapter(self, request, context) -> nora_pb2.UnloadAdapterResponse:
+    @rpc("UnloadAdapter", admin=True)
+    async def UnloadAdapter(self, request, context,
+                            caller: Caller) -> nora_pb2.UnloadAdapterResponse:
         engine = self._engine()
-        await asyncio.to_thread(engine.unload_adapter, request.adapter_id)
+        _check_adapter_id(request.adapter_id)
+        await self.adapter_pool.run(engine.unload_adapter, request.adapter_id)
         return nora_pb2.UnloadAdapterResponse()
 
     @rpc("ListAdapters")
-    async def ListAdapters(self, request, context) -> nora_pb2.ListAdaptersResponse:
+    async def ListAdapters(self, request, context,
+                           caller: Caller) -> nora_pb2.ListAdaptersResponse:
         engine = self._engine()
         stats = engine.stats()
+        # inline adapters are their senders' own: only admins see them
+        shown = [a for a in engine.list_adapters()
+                 if caller.admin or not a.id.startswith(INLINE_PREFIX)]
         return nora_pb2.ListAdaptersResponse(
-            adapters=[_adapter_info(a) for a in engine.list_adapters()],
+            adapters=[_adapter_info(a) for a in shown],
             slots_used=stats.slots_used, slots_total=stats.slots_total)
+
+
+def tenant_limit(config: ServerConfig, tenants: int) -> int:
+    """Generations in flight per tenant (config.max_tenant_requests; its None rule)."""
+    if config.max_tenant_requests is not None:
+        return config.max_tenant_requests
+    total = config.max_concurrent_requests
+    return -(-total // 2) if tenants >= 2 else total
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """An upper bound on the text bytes one token of `tokenizer` stands for: the longest token
+    string or decoded token, in UTF-8 bytes (byte-level BPE token strings spell each byte as one
+    character of at most 2 bytes; SentencePiece's "▁" (3 bytes) stands for a space; a lone byte
+    of a multi-byte character decodes to U+FFFD, 3 bytes), and at least 4 (one character).
+    Tokenizers that drop text (whitespace or unknown runs) are outside this bound."""
+    ids = list(range(len(tokenizer)))
+    strings = tokenizer.convert_ids_to_tokens(ids)
+    decoded = tokenizer.batch_decode([[i] for i in ids])
+    return max(4, *(len(t.encode()) for t in (*strings, *decoded) if isinstance(t, str)))
+
+
+def _check_adapter_id(adapter_id: str) -> None:
+    if len(adapter_id) > MAX_ID_LEN:
+        raise ValueError(f"adapter_id must be at most {MAX_ID_LEN} characters, got "
+                         f"{len(adapter_id)}")
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Decodes request messages inside the handler, so that bytes which do not parse (random
+    bytes, invalid UTF-8 in a string field) answer INVALID_ARGUMENT, are counted by
+    `on_error(method)` and logged in one line. (gRPC's own decoding fails with UNKNOWN, a
+    traceback in the log and no count.) Streaming-request handlers are left as they are."""
+
+    def __init__(self, on_error: Callable[[str], None] = lambda method: None) -> None:
+        self.on_error = on_error
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        decode, method = handler.request_deserializer, details.method
+
+        async def parse(data: bytes, context):
+            try:
+                return decode(data)
+            except Exception as exc:
+                log.warning("%s: undecodable request of %d bytes (%s)", method, len(data),
+                            type(exc).__name__)
+                self.on_error(method)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request does not decode as {method}'s message")
+
+        ser = handler.response_serializer
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(data, context):
+                return await behavior(await parse(data, context), context)
+            return grpc.unary_unary_rpc_method_handler(unary, None, ser)
+        behavior = handler.unary_stream
+        if not inspect.isasyncgenfunction(behavior):  # a coroutine writing with context.write
+            async def writing(data, context):
+                return await behavior(await parse(data, context), context)
+            return grpc.unary_stream_rpc_method_handler(writing, None, ser)
+
+        async def streaming(data, context):
+            async with aclosing(behavior(await parse(data, context), context)) as responses:
+                async for response in responses:
+                    yield response
+        return grpc.unary_stream_rpc_method_handler(streaming, None, ser)
 
 
 def _input_kind(request) -> str:
