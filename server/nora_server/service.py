@@ -360,6 +360,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             # other load can evict it in between: a resident named adapter at once; inline bytes
             # (validated) and a named adapter reloaded from the store on the adapter workers
             which = request.WhichOneof("adapter")
+            if which == "adapter_id" and not request.adapter_id:
+                which = None  # an empty adapter_id: the base model
             if which == "adapter_id":
                 hold = engine.registry.try_hold(request.adapter_id)
             if which == "adapter_bytes" or (which == "adapter_id" and hold is None):
