@@ -55,7 +55,8 @@ class Server:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "nora_server.cli", *self.args, "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", "off"]
+               "--port", str(self.port), "--metrics-port", "off",
+               "--http-port", "off"]
         env = {**os.environ, "NORA_LOG_LEVEL": "ERROR"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)

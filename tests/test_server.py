@@ -40,7 +40,7 @@ class ServerThread:
     """A NoraServer on its own event-loop thread, on 127.0.0.1 with free ports."""
 
     def __init__(self, engine: Engine | None, **config) -> None:
-        config = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **config}
+        config = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0, **config}
         self.config = ServerConfig(**config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -1,4 +1,5 @@
-"""The server process: gRPC (nora.v1 + grpc.health.v1 + reflection), /metrics, lifecycle.
+"""The server process: gRPC (nora.v1 + grpc.health.v1 + reflection), the OpenAI-compatible HTTP
+API (http_api.py), /metrics, lifecycle.
 
 `NoraServer` listens before the model is loaded: health says NOT_SERVING and nora RPCs answer
 UNAVAILABLE until `attach(engine)`, then SERVING. `stop()` drains: health NOT_SERVING, new
@@ -8,7 +9,8 @@ requests). `serve()` is all of that for `nora-serve`, stopping on SIGTERM or SIG
 Health checking and reflection come from grpcio-health-checking and grpcio-reflection. Where
 those packages are missing or fail to import (a machine with grpcio but nothing else
 installable; a version that does not match grpcio raises at import), the server still serves
-nora.v1 and logs that health checking or reflection is off.
+nora.v1 and logs that health checking or reflection is off. The same holds for the HTTP API
+and its packages (starlette, uvicorn).
 
 Exposure: the server listens on 127.0.0.1 unless told otherwise (`host`), /metrics on the same
 host (`metrics_host`). The gRPC port is bound exclusively (no SO_REUSEPORT: a second server on
@@ -59,7 +61,9 @@ class NoraServer:
         self._pending_engine = engine
         self._server: grpc.aio.Server | None = None
         self._health = None  # grpc_health's servicer, when the package is there
+        self._http = None  # http_api.HttpApi, when serving HTTP
         self.port: int | None = None  # bound ports, once started
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
 
     def _stats(self) -> EngineStats | None:
@@ -102,6 +106,12 @@ class NoraServer:
             raise ListenError(f"cannot listen on {address} (gRPC): the port is in use or the "
                               "address is not this machine's")
         await server.start()
+        if c.http_port is not None:
+            try:
+                await self._start_http()
+            except ListenError:
+                await server.stop(0)
+                raise
         if c.metrics_port is not None:
             metrics_host = c.metrics_host or c.host
             try:
@@ -112,10 +122,34 @@ class NoraServer:
                     tls=(c.tls_cert, c.tls_key) if c.tls_cert else None)
             except OSError as exc:
                 await server.stop(0)
+                if self._http is not None:
+                    await self._http.stop(0)
                 raise ListenError(f"cannot listen on {metrics_host}:{c.metrics_port} (/metrics): "
                                   f"{exc.strerror or exc}") from exc
         if self._pending_engine is not None:
             await self.attach(self._pending_engine)
+
+    async def _start_http(self) -> None:
+        c = self.config
+        try:
+            from nora_server.http_api import HttpApi
+        except ImportError as exc:
+            log.warning("the OpenAI-compatible HTTP API is off: %s is not installed "
+                        "(pip install starlette uvicorn)", exc.name)
+            return
+        except Exception as exc:  # a broken install must not keep gRPC from serving
+            log.warning("the OpenAI-compatible HTTP API is off: its packages failed to import "
+                        "(%s: %s)", type(exc).__name__, exc)
+            return
+        http = HttpApi(self.service, self.auth)
+        try:
+            self.http_port = await http.start(
+                c.host, c.http_port, tls=(c.tls_cert, c.tls_key) if c.tls_cert else None,
+                client_ca=c.tls_client_ca, grace=c.grace_seconds)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {c.host}:{c.http_port} (HTTP): "
+                              f"{exc.strerror or exc}") from exc
+        self._http = http
 
     async def attach(self, engine: Engine) -> None:
         """Serve `engine` (loaded and started) from now on; health turns SERVING."""
@@ -130,8 +164,12 @@ class NoraServer:
         self.service.accepting = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        stopping = []
         if self._server is not None:
-            await self._server.stop(grace)
+            stopping.append(self._server.stop(grace))
+        if self._http is not None:
+            stopping.append(self._http.stop(grace))
+        await asyncio.gather(*stopping)  # both edges drain at once, within one grace period
         self.metrics.close()
         self.service.close()
 
@@ -277,6 +315,10 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, *,
         i = engine.info
         announce(f"nora: serving {i.name} ({i.mode} mode, {i.device}, {i.dtype}) on "
                  f"{config.host}:{server.port}")
+        if server.http_port is not None:
+            scheme = "https" if config.tls_cert else "http"
+            announce(f"nora: OpenAI-compatible API at {scheme}://{where}:{server.http_port}/v1"
+                     + (" (with a bearer token)" if server.auth.enabled else ""))
         if server.metrics_port is not None:
             host = config.metrics_host or config.host
             host = "localhost" if host in ("0.0.0.0", "::", "[::]") else host

@@ -1,4 +1,5 @@
-"""`nora-serve`: serve a model (default: SmolLM2-135M-Instruct with its demo adapters) over gRPC.
+"""`nora-serve`: serve a model (default: SmolLM2-135M-Instruct with its demo adapters) over gRPC
+and an OpenAI-compatible HTTP API.
 
 Every flag has an environment variable: --max-input-tokens is NORA_MAX_INPUT_TOKENS, and so on
 (flags win). Defaults come from EngineConfig and ServerConfig. Prefer the environment for
@@ -48,6 +49,7 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
 SERVER_FLAGS = {  # ServerConfig field -> help
     "host": "address to listen on (0.0.0.0 or :: to expose the server to the network)",
     "port": "gRPC port (0: any free port)",
+    "http_port": "OpenAI-compatible HTTP API port, on --host (0: any free port; off: none)",
     "metrics_port": "Prometheus /metrics HTTP port (off: none)",
     "metrics_host": "address /metrics listens on (default: --host)",
     "adapter_dir": "adapter store: LoadAdapter paths resolve inside it; its *.safetensors "

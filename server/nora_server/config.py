@@ -10,6 +10,8 @@ from dataclasses import dataclass
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback only by default; "0.0.0.0" or "::" to expose
     port: int = 50051  # 0: any free port (NoraServer.port tells which)
+    # OpenAI-compatible HTTP API (http_api.py) on `host`; 0: any free port; None: off
+    http_port: int | None = 8000
     metrics_port: int | None = 9400  # Prometheus /metrics over HTTP; 0: any free port; None: off
     metrics_host: str | None = None  # None: the same as host
     adapter_dir: str | None = None  # the adapter store: LoadAdapter paths resolve inside it;
@@ -46,8 +48,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
         for name in ("max_input_tokens", "max_total_tokens", "max_tenant_requests",
                      "max_text_bytes"):
             value = getattr(self, name)

@@ -43,6 +43,7 @@ the engine request, which frees its KV blocks and adapter slot within one step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -50,7 +51,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 
 import grpc
@@ -68,6 +69,7 @@ from nora_runtime.engine import Engine, TokenEvent
 from nora_runtime.registry import (
     INLINE_PREFIX,
     MAX_ID_LEN,
+    AdapterHold,
     AdapterInfo,
     AdapterNotFound,
     RegistryFull,
@@ -289,25 +291,25 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             raise ValueError(f"{what} has {nbytes} bytes; the limit is {limit} (at most "
                              f"{self.max_input_tokens(engine)} tokens)")
 
-    def _admit(self, tenant: str) -> None:
-        """Count a generation in flight, or RESOURCE_EXHAUSTED over the server's limit or the
-        tenant's quota (before any costly work)."""
+    def _admit(self, tenant: str, n: int = 1) -> None:
+        """Count `n` generations in flight, or RESOURCE_EXHAUSTED over the server's limit or
+        the tenant's quota (before any costly work)."""
         limit = self.config.max_concurrent_requests
-        if self.in_flight >= limit:
+        if self.in_flight + n > limit:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server busy: {self.in_flight} requests in flight, the limit is "
                            f"{limit}; retry later")
-        if tenant and self.tenant_in_flight[tenant] >= self.tenant_limit:
+        if tenant and self.tenant_in_flight[tenant] + n > self.tenant_limit:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"tenant quota: {self.tenant_in_flight[tenant]} of your requests are "
                            f"in flight, the per-tenant limit (max_tenant_requests) is "
                            f"{self.tenant_limit}; retry later")
-        self.in_flight += 1
-        self.tenant_in_flight[tenant] += 1
+        self.in_flight += n
+        self.tenant_in_flight[tenant] += n
 
-    def _leave(self, tenant: str) -> None:
-        self.in_flight -= 1
-        self.tenant_in_flight[tenant] -= 1
+    def _leave(self, tenant: str, n: int = 1) -> None:
+        self.in_flight -= n
+        self.tenant_in_flight[tenant] -= n
         if not self.tenant_in_flight[tenant]:
             del self.tenant_in_flight[tenant]
 
@@ -331,9 +333,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
 
     async def _generate(self, request,
                         caller: Caller) -> AsyncIterator[nora_pb2.GenerateResponse]:
-        engine = self._engine()
-        if not self.accepting:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        engine = self.serving_engine()
         params = _sampling_params(request, engine.default_params)
         input_kind = _input_kind(request)  # before admission: a request without input is bad
         time_limit = request.stopping.time_limit_seconds
@@ -341,80 +341,123 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             raise ValueError(f"time_limit_seconds must be finite and >= 0, got {time_limit}")
         if len(request.request_id) > MAX_ID_LEN or not request.request_id.isprintable():
             raise ValueError(f"request_id must be printable, at most {MAX_ID_LEN} characters")
-        if request.WhichOneof("adapter") == "adapter_id":
+        which = request.WhichOneof("adapter")
+        if which == "adapter_id":
             _check_adapter_id(request.adapter_id)
-        self._admit(caller.tenant)
-        hold = None  # an inline adapter's slot, held until the engine request takes it over
-        try:
-            ids = await self._prompt_ids(request, input_kind, engine)
-            self._check_lengths(engine, len(ids), params.max_new_tokens)
-            # a chat answer ends with the assistant's turn, EOS or not (reported as EOS)
-            end_of_turn: tuple[int, ...] = ()
-            if input_kind == "messages" and not params.ignore_eos:
-                end_of_turn = tuple(i for i in await self._end_of_turn(engine)
-                                    if i not in engine.eos_ids and i not in params.stop_token_ids)
-                if end_of_turn:
-                    params = dataclasses.replace(
-                        params, stop_token_ids=params.stop_token_ids + end_of_turn)
-            # hold the adapter's slot until the engine request takes the hold over, so that no
-            # other load can evict it in between: a resident named adapter at once; inline bytes
-            # (validated) and a named adapter reloaded from the store on the adapter workers
-            which = request.WhichOneof("adapter")
-            if which == "adapter_id" and not request.adapter_id:
-                which = None  # an empty adapter_id: the base model
-            if which == "adapter_id":
-                hold = engine.registry.try_hold(request.adapter_id)
-            if which == "adapter_bytes" or (which == "adapter_id" and hold is None):
-                hold = await engine.hold_adapter_async(getattr(request, which),
-                                                       run=self.adapter_pool.run)
-            adapter_id = hold.id if hold is not None else ""
-            deadline = time.monotonic() + time_limit if time_limit > 0 else None
-            tracker = _Tracker(self.metrics, adapter_id)
-            events = engine.generate_async(ids, params, adapter=hold, deadline=deadline,
-                                           request_id=request.request_id or None,
-                                           tenant=caller.tenant)
-            first = True
+        with self.admitted(caller.tenant):
+            hold = None  # the adapter's slot, held until the engine request takes it over
             try:
+                ids = await self.input_ids(engine, input_kind, _input_value(request, input_kind))
+                self._check_lengths(engine, len(ids), params.max_new_tokens)
+                params, end_of_turn = await self.chat_stops(engine, input_kind, params)
+                hold = await self.hold(engine, getattr(request, which) if which else None)
+                adapter_id = hold.id if hold is not None else ""
+                deadline = time.monotonic() + time_limit if time_limit > 0 else None
+                events = self.events(engine, ids, params, hold, tenant=caller.tenant,
+                                     end_of_turn=end_of_turn, deadline=deadline,
+                                     request_id=request.request_id or None)
+                first = True
                 async with aclosing(events):  # leaving early aborts the engine request
                     async for ev in events:
-                        if ev.finish_reason == "stop" and set(ev.token_ids) & set(end_of_turn):
-                            ev = dataclasses.replace(ev, finish_reason="eos")
-                        tracker.event(ev)
                         yield self._response(ev, adapter_id, ids if first else None, request)
                         first = False
-            except CANCELLED:  # the client's cancel or deadline, or the grace period ended
-                tracker.done("cancelled")
-                raise
-        finally:
-            self._leave(caller.tenant)
-            if hold is not None:  # never submitted (an error or cancel came first)
-                hold.release()
+            finally:
+                if hold is not None:  # never submitted (an error or cancel came first)
+                    hold.release()
 
-    async def _prompt_ids(self, request, kind: str, engine: Engine) -> list[int]:
+    # ---- the generation path both edges share (gRPC here, HTTP in http_api.py) ------------
+
+    def serving_engine(self) -> Engine:
+        """The engine, if it takes new generations (UNAVAILABLE while loading or draining)."""
+        engine = self._engine()
+        if not self.accepting:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return engine
+
+    @contextlib.contextmanager
+    def admitted(self, tenant: str, n: int = 1) -> Iterator[None]:
+        """`n` generations of `tenant` counted in flight for the block (RESOURCE_EXHAUSTED
+        over the server's limit or the tenant's quota)."""
+        self._admit(tenant, n)
+        try:
+            yield
+        finally:
+            self._leave(tenant, n)
+
+    async def input_ids(self, engine: Engine, kind: str, value) -> list[int]:
+        """Prompt token ids of an input: `kind` "prompt" (text), "token_ids" (ints) or
+        "messages" (dicts {"role", "content"}, through the chat template). Checked against the
+        vocabulary and the text size limit; tokenized off the loop."""
         if kind == "token_ids":
-            ids = list(request.token_ids.ids)
+            ids = list(value)
         elif kind == "messages":
-            ids = await self._chat_ids(request.messages, engine)
+            ids = await self._chat_ids(value, engine)
         else:
-            await self._check_text(engine, "the prompt", len(request.prompt.encode()))
-            ids = await self.text_pool.run(engine.tokenizer.encode, request.prompt)
+            await self._check_text(engine, "the prompt", len(value.encode()))
+            ids = await self.text_pool.run(engine.tokenizer.encode, value)
         if not ids:
             raise ValueError("the prompt is empty")
         vocab = engine.info.vocab_size
-        if max(ids) >= vocab:
-            raise ValueError(f"token ids must be < the vocabulary size {vocab}")
+        if max(ids) >= vocab or min(ids) < 0:
+            raise ValueError(f"token ids must be in [0, {vocab}) (the vocabulary size)")
         return ids
 
+    async def chat_stops(self, engine: Engine, kind: str,
+                         params: SamplingParams) -> tuple[SamplingParams, tuple[int, ...]]:
+        """A chat answer ends with the assistant's turn, EOS or not (reported as EOS): `params`
+        with the template's end-of-turn token added as a stop token, and that token."""
+        end_of_turn: tuple[int, ...] = ()
+        if kind == "messages" and not params.ignore_eos:
+            end_of_turn = tuple(i for i in await self._end_of_turn(engine)
+                                if i not in engine.eos_ids and i not in params.stop_token_ids)
+            if end_of_turn:
+                params = dataclasses.replace(
+                    params, stop_token_ids=params.stop_token_ids + end_of_turn)
+        return params, end_of_turn
+
+    async def hold(self, engine: Engine, adapter: str | bytes | None) -> AdapterHold | None:
+        """Hold the adapter's slot until an engine request takes the hold over (`events`), so
+        that no other load can evict it in between: a resident named adapter at once; inline
+        bytes (validated) and a named adapter reloaded from the store on the adapter workers.
+        None or "": the base model. The caller releases a hold it never hands to `events`."""
+        if adapter is None or adapter == "":
+            return None
+        hold = engine.registry.try_hold(adapter) if isinstance(adapter, str) else None
+        if hold is None:
+            hold = await engine.hold_adapter_async(adapter, run=self.adapter_pool.run)
+        return hold
+
+    async def events(self, engine: Engine, ids: list[int], params: SamplingParams,
+                     hold: AdapterHold | None, *, tenant: str,
+                     end_of_turn: tuple[int, ...] = (), request_id: str | None = None,
+                     deadline: float | None = None) -> AsyncIterator[TokenEvent]:
+        """One engine request's events, recorded in the metrics; a stop on `end_of_turn` is
+        reported as EOS. Closing the iterator early (or cancelling) aborts the request."""
+        tracker = _Tracker(self.metrics, hold.id if hold is not None else "")
+        events = engine.generate_async(ids, params, adapter=hold, deadline=deadline,
+                                       request_id=request_id, tenant=tenant)
+        try:
+            async with aclosing(events):
+                async for ev in events:
+                    if ev.finish_reason == "stop" and set(ev.token_ids) & set(end_of_turn):
+                        ev = dataclasses.replace(ev, finish_reason="eos")
+                    tracker.event(ev)
+                    yield ev
+        except CANCELLED:  # the client's cancel or deadline, or the grace period ended
+            tracker.done("cancelled")
+            raise
+
     async def _chat_ids(self, messages, engine: Engine) -> list[int]:
-        """The chat template's ids of proto ChatMessages (validated; templated off the loop)."""
+        """The chat template's ids of a conversation (dicts {"role", "content"}; validated;
+        templated off the loop)."""
         if not has_chat_template(engine.tokenizer):
             raise NoChatTemplate("the served model has no chat template: send prompt (text) or "
                                  "token_ids instead of messages")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        conversation = [{"role": m["role"], "content": m["content"]} for m in messages]
         # every message takes at least one token, so more than the input limit cannot fit
         check_messages(conversation, max_messages=self.max_input_tokens(engine))
         await self._check_text(engine, "the messages", sum(
-            len(m.role.encode()) + len(m.content.encode()) for m in messages))
+            len(m["role"].encode()) + len(m["content"].encode()) for m in conversation))
         return await self.text_pool.run(chat_token_ids, engine.tokenizer, conversation)
 
     async def _end_of_turn(self, engine: Engine) -> tuple[int, ...]:
@@ -459,7 +502,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         if request.messages:
             if request.text:
                 raise ValueError("give text or messages, not both")
-            ids = await self._chat_ids(request.messages, engine)
+            ids = await self._chat_ids(_messages(request.messages), engine)
         else:
             await self._check_text(engine, "the text", len(request.text.encode()))
             ids = await self.text_pool.run(engine.tokenizer.encode, request.text,
@@ -592,6 +635,17 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
                 async for response in responses:
                     yield response
         return grpc.unary_stream_rpc_method_handler(streaming, None, ser)
+
+
+def _messages(messages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _input_value(request, kind: str):
+    """The input of a GenerateRequest as `NoraService.input_ids` takes it."""
+    if kind == "token_ids":
+        return request.token_ids.ids
+    return _messages(request.messages) if kind == "messages" else request.prompt
 
 
 def _input_kind(request) -> str:
