@@ -372,7 +372,8 @@ class HttpApi:
         """Stop listening; in-flight requests get `grace` seconds, then are cancelled."""
         if self._server is None or self._task is None:
             return
-        self._server.config.timeout_graceful_shutdown = grace
+        # (uvicorn's wait with a timeout of 0 times out, and logs an error, even when idle)
+        self._server.config.timeout_graceful_shutdown = max(grace, 0.05)
         self._server.should_exit = True
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await self._task
