@@ -7,7 +7,12 @@ seeds, usage, logprobs, error statuses and shapes, auth, quotas, health and read
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +26,8 @@ from nora_runtime.adapter import adapter_to_bytes
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
 from nora_runtime.tiny import random_adapter, tiny_checkpoint
+from nora_server.app import ListenError, NoraServer
+from nora_server.config import ServerConfig
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is nora?"}]
 GREEDY = dict(temperature=0, max_tokens=10)
@@ -318,3 +325,35 @@ def test_stop_drains_http_requests_in_flight(engine):
     assert time.monotonic() - start < 30
     server.loop.call_soon_threadsafe(server.loop.stop)
     server.thread.join(10)
+
+
+def test_http_port_in_use_is_a_listen_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        server = NoraServer(ServerConfig(port=0, metrics_port=None, http_port=busy))
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{busy} \\(HTTP\\)"):
+            asyncio.run(server.start())
+
+
+def test_server_starts_without_the_http_packages():
+    """As with health checking and reflection: without uvicorn (the H200 image has none), gRPC
+    serves and the log says that the HTTP API is off."""
+    script = (
+        "import asyncio, logging, sys\n"
+        "sys.modules['uvicorn'] = None\n"
+        "logging.basicConfig(level='INFO')\n"
+        "from nora_server.app import NoraServer\n"
+        "from nora_server.config import ServerConfig\n"
+        "async def main():\n"
+        "    server = NoraServer(ServerConfig(port=0, metrics_port=None, http_port=0))\n"
+        "    await server.start()\n"
+        "    print('started', server.port > 0, server.http_port, flush=True)\n"
+        "    await server.stop(0)\n"
+        "asyncio.run(main())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "started True None" in out.stdout
+    assert "the OpenAI-compatible HTTP API is off: uvicorn is not installed" in out.stderr

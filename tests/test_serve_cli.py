@@ -128,6 +128,26 @@ def test_announced_example_and_cli_commands(serve):
     assert [int(t) for t in out.stdout.split()] == tokenizer.encode("Hi there")
 
 
+def test_openai_sdk_against_the_default_model(serve):
+    """The acceptance of issue 12 point 1: `nora-serve` with the default model, then the
+    official openai SDK at the announced base URL (the base model and the demo adapters)."""
+    import openai
+
+    prefix = "nora: OpenAI-compatible API at "
+    line = next((x for x in serve.output if x.startswith(prefix)), None) or serve.wait_for(prefix)
+    url = line.removeprefix(prefix).split()[0]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+    api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    assert {m.id for m in api.models.list()} == {"SmolLM2-135M-Instruct", *DEMO_ADAPTERS}
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    out = api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question,
+                                      temperature=0, max_tokens=24)
+    assert "Paris" in out.choices[0].message.content and out.choices[0].finish_reason == "stop"
+    signed = api.chat.completions.create(model="sign-off", messages=question, temperature=0,
+                                         max_tokens=32)
+    assert "answered by nora" in signed.choices[0].message.content
+
+
 def test_sigterm_drains_a_stream_in_flight(serve):
     with NoraClient(f"127.0.0.1:{serve.port}", retries=0, timeout=120) as nora:
         watch = health_pb2_grpc.HealthStub(nora.channel).Watch(
