@@ -49,7 +49,7 @@ import grpc
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -449,12 +449,20 @@ class HttpApi:
     # ---- completions -------------------------------------------------------------------------
 
     async def _asgi(self, scope, receive, send, *, chat: bool) -> None:
-        """One completions request as its own task, cancelled if the client disconnects (which
-        aborts its engine requests, as a gRPC cancel does)."""
-        request = Request(scope, receive)
-        out = _Responder(send)
-        work = asyncio.ensure_future(self._complete(request, out, chat=chat))
-        watch = asyncio.ensure_future(_disconnect(receive, out))
+        """One completions request. Once its body is read, the work runs as its own task,
+        cancelled if the client disconnects (which aborts its engine requests, as a gRPC
+        cancel does)."""
+        request, out = Request(scope, receive), _Responder(send)
+        try:
+            caller = self._caller(request)
+            body = await _json_body(request, self.service.config.max_message_bytes)
+        except ClientDisconnect:  # gone before its request arrived: nobody to answer
+            return
+        except Exception as exc:
+            await out.error(api_error(exc))
+            return
+        work = asyncio.ensure_future(self._complete(body, caller, out, chat=chat))
+        watch = asyncio.ensure_future(_disconnect(receive))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -462,13 +470,10 @@ class HttpApi:
                 task.cancel()
             await asyncio.gather(work, watch, return_exceptions=True)
 
-    async def _complete(self, request: Request, out: _Responder, *, chat: bool) -> None:
-        model = None
+    async def _complete(self, body: dict, caller: Caller, out: _Responder, *,
+                        chat: bool) -> None:
+        model = body.get("model")
         try:
-            caller = self._caller(request)
-            body = await _json_body(request, self.service.config.max_message_bytes)
-            out.reading = False
-            model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise ApiError(400, "model must be the base model's name or an adapter id "
                                     "(GET /v1/models)", param="model")
@@ -667,7 +672,7 @@ class _Responder:
     """Writes one HTTP response: JSON, or server-sent events once `start_stream`ed."""
 
     def __init__(self, send: Callable) -> None:
-        self.send, self.started, self.reading = send, False, True
+        self.send, self.started = send, False
 
     async def json(self, status: int, obj: dict) -> None:
         body = json.dumps(obj, ensure_ascii=False).encode()
@@ -698,10 +703,8 @@ class _Responder:
             await self.done()
 
 
-async def _disconnect(receive, out: _Responder) -> None:
-    """Returns when the client has gone (after the request body has been read)."""
-    while out.reading:  # the handler reads the body through the same receive
-        await asyncio.sleep(0.05)
+async def _disconnect(receive) -> None:
+    """Returns when the client has gone (call it once the request body has been read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
