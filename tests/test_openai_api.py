@@ -357,3 +357,26 @@ def test_server_starts_without_the_http_packages():
     assert out.returncode == 0, out.stderr
     assert "started True None" in out.stdout
     assert "the OpenAI-compatible HTTP API is off: uvicorn is not installed" in out.stderr
+
+
+def test_tenant_quota_counts_every_choice(engine, tmp_path):
+    """Tenants and quotas as on gRPC: with two tenants and 8 seats, each tenant may have 4
+    engine requests in flight; one request with n = 4 takes all of its tenant's."""
+    acme, globex = "a" * 20, "g" * 20
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{acme} acme user\n{globex} globex user\n")
+    server = ServerThread(engine, tokens_file=str(path), max_concurrent_requests=8)
+    try:
+        kw = dict(model=engine.info.name, messages=CHAT)
+        held = sdk(server, acme).chat.completions.create(
+            n=4, stream=True, max_tokens=3000, extra_body={"ignore_eos": True}, **kw)
+        next(iter(held))
+        with pytest.raises(openai.RateLimitError, match="tenant quota"):
+            sdk(server, acme).chat.completions.create(max_tokens=2, **kw)
+        assert sdk(server, globex).chat.completions.create(max_tokens=2, **kw).choices
+        with pytest.raises(openai.RateLimitError):  # 5 choices can never fit a quota of 4
+            sdk(server, globex).chat.completions.create(n=5, max_tokens=2, **kw)
+        held.close()
+        eventually(lambda: server.server.service.in_flight == 0, 30)
+    finally:
+        server.close()
