@@ -295,6 +295,10 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         """Count `n` generations in flight, or RESOURCE_EXHAUSTED over the server's limit or
         the tenant's quota (before any costly work)."""
         limit = self.config.max_concurrent_requests
+        if n > min(limit, self.tenant_limit if tenant else limit):  # could never be admitted
+            raise ValueError(f"{n} generations in one request; at most "
+                             f"{min(limit, self.tenant_limit if tenant else limit)} may be in "
+                             "flight (max_concurrent_requests, max_tenant_requests)")
         if self.in_flight + n > limit:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"server busy: {self.in_flight} requests in flight, the limit is "
