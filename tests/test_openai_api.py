@@ -380,3 +380,23 @@ def test_tenant_quota_counts_every_choice(engine, tmp_path):
         eventually(lambda: server.server.service.in_flight == 0, 30)
     finally:
         server.close()
+
+
+def test_http_requests_are_counted(served, api, engine):
+    """nora_http_requests_total{path, status}, with bounded paths; generations through HTTP
+    count in the generation metrics as gRPC's do."""
+    def count(path, status):
+        return served.metric("nora_http_requests_total", path=path, status=status)
+
+    before = (count("/v1/chat/completions", "200"), count("/v1/chat/completions", "404"),
+              count("other", "404"), served.metric("nora_generate_requests_total",
+                                                    finish_reason="length"))
+    api.chat.completions.create(model=engine.info.name, messages=CHAT, max_tokens=3,
+                                extra_body={"ignore_eos": True})
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nope", messages=CHAT, max_tokens=2)
+    get(served, "/no/such/path")
+    after = (count("/v1/chat/completions", "200"), count("/v1/chat/completions", "404"),
+             count("other", "404"), served.metric("nora_generate_requests_total",
+                                                   finish_reason="length"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1, 1]

@@ -332,7 +332,11 @@ class HttpApi:
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+        self.paths = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health",
+                      "/ready"}
+        self.app = _counted(Starlette(routes=routes,
+                                      exception_handlers={HTTPException: _http_error}),
+                            self._count)
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
 
@@ -377,6 +381,12 @@ class HttpApi:
         self._server.should_exit = True
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await self._task
+
+    def _count(self, path: str, status: int | None) -> None:
+        path = "/v1/models" if path.startswith("/v1/models/") else path
+        self.service.metrics.http_requests.labels(
+            path if path in self.paths else "other",
+            "none" if status is None else str(status)).inc()
 
     # ---- health ------------------------------------------------------------------------------
 
@@ -738,6 +748,28 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own refusals (unknown path, wrong method) in OpenAI's error shape."""
     return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
                                                      f"{exc.detail}"))
+
+
+def _counted(app, count: Callable[[str, int | None], None]):
+    """`app` calling `count(path, status)` for every HTTP request it finishes."""
+
+    async def counted(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        status = None
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            count(scope["path"], status)
+    return counted
 
 
 class _Asgi:

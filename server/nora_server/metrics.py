@@ -107,6 +107,10 @@ class Metrics:
         self.adapter_label = AdapterLabels(adapter_labels)
         self.rpcs = Counter("nora_rpc_requests", "RPCs finished, by method and gRPC status code",
                             ["method", "code"], registry=r)
+        self.http_requests = Counter(
+            "nora_http_requests", "HTTP API requests finished, by path (the API's own, else "
+            "'other') and status ('none': the client left before an answer)",
+            ["path", "status"], registry=r)
         self.finished = Counter("nora_generate_requests",
                                 "Generation requests finished, by finish reason",
                                 ["finish_reason"], registry=r)
