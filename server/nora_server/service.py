@@ -38,6 +38,10 @@ quote input quote a shortened repr (`brief`).
 
 A client's cancellation or deadline cancels the handler; leaving `generate_async` then aborts
 the engine request, which frees its KV blocks and adapter slot within one step.
+
+The generation path below the proto conversion (`serving_engine`, `admitted`, `input_ids`,
+`chat_stops`, `hold`, `events`) is shared with the OpenAI-compatible HTTP API (http_api.py),
+which maps the same exceptions to HTTP statuses.
 """
 
 from __future__ import annotations
