@@ -354,7 +354,9 @@ class HttpApi:
         except OSError:
             sock.close()
             raise
-        sock.set_inheritable(True)
+        uvicorn_log = logging.getLogger("uvicorn.error")  # its start/stop lines are INFO
+        if uvicorn_log.level == logging.NOTSET:  # under that alarming name: keep them quiet
+            uvicorn_log.setLevel(logging.WARNING)
         kw = {}
         if tls is not None:
             kw = dict(ssl_certfile=tls[0], ssl_keyfile=tls[1])
