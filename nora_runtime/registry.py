@@ -90,6 +90,7 @@ from nora_runtime.adapter import (
 from nora_runtime.lora import (
     PEFT_CONFIG,
     PEFT_FORMAT,
+    PEFT_WEIGHTS,
     LoraAdapter,
     file_metadata,
     from_lora_weights,
@@ -471,8 +472,8 @@ class AdapterRegistry:
         path = (self.store_dir / rel).resolve()
         if not path.is_relative_to(self.store_dir):
             raise AdapterPathError(f"adapter path {name!r} leads outside the store directory")
-        if path.name == PEFT_CONFIG:  # a PEFT directory named by its config file
-            path = path.parent
+        if path.name in (PEFT_CONFIG, PEFT_WEIGHTS) and (path.parent / PEFT_CONFIG).is_file():
+            path = path.parent  # a PEFT directory named by one of its two files
         if path.is_dir() and not (path / PEFT_CONFIG).exists():
             raise AdapterPathError(f"cannot read adapter file {name!r}: Is a directory (a PEFT "
                                    f"LoRA directory holds {PEFT_CONFIG})")

@@ -197,7 +197,8 @@ def test_mixed_batch_of_base_nora_lora_and_nora_plus_plus_equals_each_alone(chec
     engine = make_engine(checkpoint, store)
     try:
         engine.load_adapter("l4", "l4")
-        engine.load_adapter("l8", "l8/adapter_config.json")  # the config file names it too
+        engine.load_adapter("l8", "l8/adapter_config.json")  # either file names it too
+        assert engine.load_adapter("l8", "l8/adapter_model.safetensors").kind == "lora"
         engine.load_adapter("pp", "pp.safetensors")
         from nora_runtime.adapter import adapter_to_bytes
         nora = adapter_to_bytes(random_adapter(engine.info, 5),
