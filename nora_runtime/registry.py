@@ -509,8 +509,8 @@ class AdapterRegistry:
             if self.lora_pool is None:
                 raise UnsupportedAdapter(
                     f"{parsed.kind} adapters carry LoRA weights, and this server has no LoRA "
-                    "pool (started with max_lora_adapters=0): load a NoRA adapter, or start the "
-                    "server with --max-lora-adapters")
+                    "pool (EngineConfig.max_lora_adapters=0): load a NoRA adapter, or give the "
+                    "server a LoRA pool")
             self.lora_pool.check(parsed.lora)
         return parsed
 
