@@ -21,7 +21,8 @@ adapted linear module, by its path in the transformers model's `named_modules()`
 list of the paths), lora_rank (r_lora), lora_alpha (repr of a float). The layer computes
 W x + b + (lora_alpha / lora_rank) B (A x). `load_adapter` reads and validates that part into
 `LoadedAdapter.lora` (None for plain NoRA); a reader must refuse what it cannot apply rather than
-drop it (the registry raises UnsupportedAdapter: it serves NoRA only).
+drop it (the registry serves the LoRA part from its LoRA pool, nora_runtime.lora_pool, and raises
+UnsupportedAdapter where it cannot).
 
 `load_adapter` validates everything and raises a subclass of AdapterError (a ValueError):
 AdapterMismatchError when a sound adapter does not fit the model it is checked against (the
@@ -70,6 +71,10 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKETS = re.compile(rb"[^\[\]{}]")
+# Files with LoRA factors (NoRA++, packed PEFT LoRA: nora_runtime.lora) are larger: r = 16 on
+# every projection of an 8B model is ~84 MB in bf16, ~170 MB in float32. Any adapter file,
+# and any blob of the durable store, is refused past this.
+MAX_FILE_BYTES = 2 << 30
 
 
 class AdapterError(ValueError):
@@ -94,6 +99,13 @@ class AdapterValueError(AdapterError):
 
 class AdapterMismatchError(AdapterError):
     """A sound adapter that does not fit the model it is checked against."""
+
+
+class UnsupportedAdapter(AdapterMismatchError):
+    """A sound adapter of a kind this server cannot apply (FAILED_PRECONDITION): DoRA, LoRA on
+    embeddings or modules other than the decoder's projections, a LoRA rank above the server's
+    max_lora_rank, or any LoRA on a server without a LoRA pool. Refused outright, never served
+    with a part silently dropped."""
 
 
 class FingerprintMismatch(AdapterMismatchError):
@@ -368,12 +380,16 @@ def load_adapter(path_or_bytes: str | os.PathLike[str] | bytes, *,
 
 
 def _read(path_or_bytes: str | os.PathLike[str] | bytes) -> bytes:
+    """The file's bytes: at most MAX_ADAPTER_BYTES, or MAX_FILE_BYTES for a file whose header
+    announces a LoRA part (NoRA++)."""
     data = path_or_bytes
     if not isinstance(data, bytes):
         with open(data, "rb") as f:
-            data = f.read(MAX_ADAPTER_BYTES + 1)  # bounded: never read a huge upload in full
-    if len(data) > MAX_ADAPTER_BYTES:
-        raise AdapterFormatError(f"adapter file exceeds the {MAX_ADAPTER_BYTES}-byte limit")
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: never read a huge upload in full
+    limit = MAX_FILE_BYTES if len(data) > MAX_ADAPTER_BYTES and _announces_lora(data) else \
+        MAX_ADAPTER_BYTES
+    if len(data) > limit:
+        raise AdapterFormatError(f"adapter file exceeds the {limit}-byte limit")
     return data
 
 
@@ -393,6 +409,21 @@ def _json(text: str | bytes, what: str) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
         raise AdapterFormatError(f"{what} is not JSON ({str(e)[:200]})") from e
+
+
+def _announces_lora(data: bytes) -> bool:
+    """Whether a safetensors header's metadata has lora_modules (read before the whole file
+    is parsed; anything malformed says no)."""
+    if len(data) < 8:
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        return False
+    try:
+        meta = _json(data[8:8 + n], "the safetensors header").get("__metadata__") or {}
+    except (AdapterFormatError, AttributeError):
+        return False
+    return isinstance(meta, dict) and "lora_modules" in meta
 
 
 def _metadata(data: bytes) -> dict[str, str]:
