@@ -393,7 +393,7 @@ def _read(path_or_bytes: str | os.PathLike[str] | bytes) -> bytes:
     return data
 
 
-def _json(text: str | bytes, what: str) -> Any:
+def parse_json(text: str | bytes, what: str) -> Any:
     """json.loads of untrusted text, refusing nesting deeper than MAX_JSON_DEPTH first (deep
     nesting makes json.loads raise RecursionError): AdapterFormatError."""
     raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
@@ -420,14 +420,15 @@ def _announces_lora(data: bytes) -> bool:
     if n > MAX_HEADER_BYTES:
         return False
     try:
-        meta = _json(data[8:8 + n], "the safetensors header").get("__metadata__") or {}
+        meta = parse_json(data[8:8 + n], "the safetensors header").get("__metadata__") or {}
     except (AdapterFormatError, AttributeError):
         return False
     return isinstance(meta, dict) and "lora_modules" in meta
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__, checked for format, version and required keys."""
+def safetensors_header(data: bytes) -> Any:
+    """The JSON header of safetensors bytes, its size and nesting checked before it is parsed
+    (MAX_HEADER_BYTES, MAX_JSON_DEPTH); AdapterFormatError if `data` is not safetensors."""
     if len(data) < 8:
         raise AdapterFormatError(f"not a safetensors file: {len(data)} bytes, shorter than the "
                                  "8-byte header length")
@@ -438,7 +439,12 @@ def _metadata(data: bytes) -> dict[str, str]:
     if n > MAX_HEADER_BYTES:
         raise AdapterFormatError(f"safetensors header of {n} bytes exceeds the "
                                  f"{MAX_HEADER_BYTES}-byte limit of adapter files")
-    header = _json(data[8:8 + n], "not a safetensors file: the header")
+    return parse_json(data[8:8 + n], "not a safetensors file: the header")
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__, checked for format, version and required keys."""
+    header = safetensors_header(data)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterFormatError("not a nora adapter: safetensors header has no __metadata__ "
@@ -464,7 +470,7 @@ def _spec(meta: dict[str, str]) -> AdapterSpec:
         except ValueError as e:
             raise AdapterFormatError(f"bad adapter metadata {key}={meta[key]!r}: {e}") from e
 
-    sites = _json(meta["sites"], f"bad adapter metadata sites={meta['sites'][:64]!r}")
+    sites = parse_json(meta["sites"], f"bad adapter metadata sites={meta['sites'][:64]!r}")
     if not isinstance(sites, list):
         raise AdapterFormatError(f"bad adapter metadata sites={meta['sites']!r}: not a JSON list")
     if not meta["base_fingerprint"]:
@@ -485,7 +491,7 @@ def _lora_names(meta: dict[str, str]) -> list[str]:
     if len(present) != len(LORA_META_KEYS):
         raise AdapterFormatError(f"adapter metadata has {present} but not all of "
                                  f"{list(LORA_META_KEYS)}")
-    modules = _json(meta["lora_modules"], "bad adapter metadata lora_modules")
+    modules = parse_json(meta["lora_modules"], "bad adapter metadata lora_modules")
     if (not isinstance(modules, list) or not modules
             or not all(isinstance(m, str) and m for m in modules)
             or len(set(modules)) != len(modules)):

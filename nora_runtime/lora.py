@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +51,8 @@ from nora_runtime.adapter import (
     AdapterValueError,
     LoraWeights,
     UnsupportedAdapter,
+    parse_json,
+    safetensors_header,
 )
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -195,10 +196,7 @@ def pack_peft_files(config: bytes | str | dict, weights: bytes) -> bytes:
 def _peft_config(config: bytes | str | dict) -> dict:
     if isinstance(config, dict):
         return config
-    try:
-        cfg = json.loads(config)
-    except ValueError as e:
-        raise AdapterFormatError(f"{PEFT_CONFIG} is not JSON: {e}") from e
+    cfg = parse_json(config, PEFT_CONFIG)
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{PEFT_CONFIG} must be a JSON object")
     return cfg
@@ -307,17 +305,8 @@ def parse_packed_peft(data: bytes, meta: dict[str, str]) -> LoraAdapter:
 
 def file_metadata(data: bytes) -> dict[str, str]:
     """The safetensors header's __metadata__ (empty if none); AdapterFormatError if `data` is
-    not safetensors."""
-    if len(data) < 8:
-        raise AdapterFormatError(f"not a safetensors file: {len(data)} bytes")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise AdapterFormatError(f"truncated or not a safetensors file: header length {n} "
-                                 f"exceeds the {len(data) - 8} bytes that follow")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e})") from e
+    not safetensors (or its header is over-sized or over-nested: adapter.safetensors_header)."""
+    header = safetensors_header(data)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if meta is None:
         return {}
@@ -330,9 +319,8 @@ def is_peft_weights(data: bytes, meta: dict[str, str]) -> bool:
     """Bytes of a lone PEFT adapter_model.safetensors (no nora format key, lora_A tensors)."""
     if "format" in meta and meta["format"] not in ("pt", "np", "tf", "flax", "mlx"):
         return False
-    (n,) = struct.unpack("<Q", data[:8])
     try:
-        names = json.loads(data[8:8 + n])
-    except ValueError:
+        names = safetensors_header(data)
+    except AdapterFormatError:
         return False
     return any(".lora_A." in k or ".lora_B." in k for k in names)

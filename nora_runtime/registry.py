@@ -480,12 +480,13 @@ class AdapterRegistry:
         path = (self.store_dir / rel).resolve()
         if not path.is_relative_to(self.store_dir):
             raise AdapterPathError(f"adapter path {name!r} leads outside the store directory")
-        if path.name in (PEFT_CONFIG, PEFT_WEIGHTS) and (path.parent / PEFT_CONFIG).is_file():
-            path = path.parent  # a PEFT directory named by one of its two files
-        if path.is_dir() and not (path / PEFT_CONFIG).exists():
-            raise AdapterPathError(f"cannot read adapter file {name!r}: Is a directory (a PEFT "
-                                   f"LoRA directory holds {PEFT_CONFIG})")
-        try:  # regular files only: a named pipe would block the read forever
+        try:  # (stat raises OSError too: a name too long, say)
+            if path.name in (PEFT_CONFIG, PEFT_WEIGHTS) and (path.parent / PEFT_CONFIG).is_file():
+                path = path.parent  # a PEFT directory named by one of its two files
+            if path.is_dir() and not (path / PEFT_CONFIG).exists():
+                raise AdapterPathError(f"cannot read adapter file {name!r}: Is a directory (a "
+                                       f"PEFT LoRA directory holds {PEFT_CONFIG})")
+            # regular files only: a named pipe would block the read forever
             if path.is_dir():  # a PEFT directory: packed into one file (and one stored blob)
                 return pack_peft(path, read=read_regular_file), rel.as_posix()
             return read_regular_file(path), rel.as_posix()  # load_adapter rejects too much
