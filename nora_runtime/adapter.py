@@ -21,7 +21,8 @@ adapted linear module, by its path in the transformers model's `named_modules()`
 list of the paths), lora_rank (r_lora), lora_alpha (repr of a float). The layer computes
 W x + b + (lora_alpha / lora_rank) B (A x). `load_adapter` reads and validates that part into
 `LoadedAdapter.lora` (None for plain NoRA); a reader must refuse what it cannot apply rather than
-drop it (the registry raises UnsupportedAdapter: it serves NoRA only).
+drop it (the registry serves the LoRA part from its LoRA pool, nora_runtime.lora_pool, and raises
+UnsupportedAdapter where it cannot).
 
 `load_adapter` validates everything and raises a subclass of AdapterError (a ValueError):
 AdapterMismatchError when a sound adapter does not fit the model it is checked against (the
@@ -70,6 +71,10 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKETS = re.compile(rb"[^\[\]{}]")
+# Files with LoRA factors (NoRA++, packed PEFT LoRA: nora_runtime.lora) are larger: r = 16 on
+# every projection of an 8B model is ~84 MB in bf16, ~170 MB in float32. Any adapter file,
+# and any blob of the durable store, is refused past this.
+MAX_FILE_BYTES = 2 << 30
 
 
 class AdapterError(ValueError):
@@ -94,6 +99,13 @@ class AdapterValueError(AdapterError):
 
 class AdapterMismatchError(AdapterError):
     """A sound adapter that does not fit the model it is checked against."""
+
+
+class UnsupportedAdapter(AdapterMismatchError):
+    """A sound adapter of a kind this server cannot apply (FAILED_PRECONDITION): DoRA, LoRA on
+    embeddings or modules other than the decoder's projections, a LoRA rank above the server's
+    max_lora_rank, or any LoRA on a server without a LoRA pool. Refused outright, never served
+    with a part silently dropped."""
 
 
 class FingerprintMismatch(AdapterMismatchError):
@@ -368,16 +380,20 @@ def load_adapter(path_or_bytes: str | os.PathLike[str] | bytes, *,
 
 
 def _read(path_or_bytes: str | os.PathLike[str] | bytes) -> bytes:
+    """The file's bytes: at most MAX_ADAPTER_BYTES, or MAX_FILE_BYTES for a file whose header
+    announces a LoRA part (NoRA++)."""
     data = path_or_bytes
     if not isinstance(data, bytes):
         with open(data, "rb") as f:
-            data = f.read(MAX_ADAPTER_BYTES + 1)  # bounded: never read a huge upload in full
-    if len(data) > MAX_ADAPTER_BYTES:
-        raise AdapterFormatError(f"adapter file exceeds the {MAX_ADAPTER_BYTES}-byte limit")
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: never read a huge upload in full
+    limit = MAX_FILE_BYTES if len(data) > MAX_ADAPTER_BYTES and _announces_lora(data) else \
+        MAX_ADAPTER_BYTES
+    if len(data) > limit:
+        raise AdapterFormatError(f"adapter file exceeds the {limit}-byte limit")
     return data
 
 
-def _json(text: str | bytes, what: str) -> Any:
+def parse_json(text: str | bytes, what: str) -> Any:
     """json.loads of untrusted text, refusing nesting deeper than MAX_JSON_DEPTH first (deep
     nesting makes json.loads raise RecursionError): AdapterFormatError."""
     raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
@@ -395,8 +411,24 @@ def _json(text: str | bytes, what: str) -> Any:
         raise AdapterFormatError(f"{what} is not JSON ({str(e)[:200]})") from e
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__, checked for format, version and required keys."""
+def _announces_lora(data: bytes) -> bool:
+    """Whether a safetensors header's metadata has lora_modules (read before the whole file
+    is parsed; anything malformed says no)."""
+    if len(data) < 8:
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        return False
+    try:
+        meta = parse_json(data[8:8 + n], "the safetensors header").get("__metadata__") or {}
+    except (AdapterFormatError, AttributeError):
+        return False
+    return isinstance(meta, dict) and "lora_modules" in meta
+
+
+def safetensors_header(data: bytes) -> Any:
+    """The JSON header of safetensors bytes, its size and nesting checked before it is parsed
+    (MAX_HEADER_BYTES, MAX_JSON_DEPTH); AdapterFormatError if `data` is not safetensors."""
     if len(data) < 8:
         raise AdapterFormatError(f"not a safetensors file: {len(data)} bytes, shorter than the "
                                  "8-byte header length")
@@ -407,7 +439,12 @@ def _metadata(data: bytes) -> dict[str, str]:
     if n > MAX_HEADER_BYTES:
         raise AdapterFormatError(f"safetensors header of {n} bytes exceeds the "
                                  f"{MAX_HEADER_BYTES}-byte limit of adapter files")
-    header = _json(data[8:8 + n], "not a safetensors file: the header")
+    return parse_json(data[8:8 + n], "not a safetensors file: the header")
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__, checked for format, version and required keys."""
+    header = safetensors_header(data)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterFormatError("not a nora adapter: safetensors header has no __metadata__ "
@@ -433,7 +470,7 @@ def _spec(meta: dict[str, str]) -> AdapterSpec:
         except ValueError as e:
             raise AdapterFormatError(f"bad adapter metadata {key}={meta[key]!r}: {e}") from e
 
-    sites = _json(meta["sites"], f"bad adapter metadata sites={meta['sites'][:64]!r}")
+    sites = parse_json(meta["sites"], f"bad adapter metadata sites={meta['sites'][:64]!r}")
     if not isinstance(sites, list):
         raise AdapterFormatError(f"bad adapter metadata sites={meta['sites']!r}: not a JSON list")
     if not meta["base_fingerprint"]:
@@ -454,7 +491,7 @@ def _lora_names(meta: dict[str, str]) -> list[str]:
     if len(present) != len(LORA_META_KEYS):
         raise AdapterFormatError(f"adapter metadata has {present} but not all of "
                                  f"{list(LORA_META_KEYS)}")
-    modules = _json(meta["lora_modules"], "bad adapter metadata lora_modules")
+    modules = parse_json(meta["lora_modules"], "bad adapter metadata lora_modules")
     if (not isinstance(modules, list) or not modules
             or not all(isinstance(m, str) and m for m in modules)
             or len(set(modules)) != len(modules)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nora_runtime.lora import PROJECTIONS
 from nora_runtime.rational import MODES
 
 
@@ -24,6 +25,17 @@ class EngineConfig:
     # themselves; they never evict named adapters). None: max_adapters // 4 (at least 1);
     # 0: inline adapters are refused
     max_inline_adapters: int | None = None
+    # LoRA pool (nora_runtime.lora_pool), allocated at start: LoRA and NoRA++ adapters resident
+    # at once (0: LoRA and NoRA++ adapters are refused), the largest rank served (smaller ranks
+    # are zero-padded: the pool's size and each step's LoRA work scale with it), and the
+    # projections served. 8B model, bf16, rank 16 on all seven: ~84 MB per adapter. Each
+    # also takes one of the max_adapters slots, so the pool has min(both) rows
+    max_lora_adapters: int = 8
+    max_lora_rank: int = 16
+    lora_target_modules: tuple[str, ...] = PROJECTIONS
+    # of those, at most this many hold inline adapters. None: max_lora_adapters // 4 (at
+    # least 1); 0: inline LoRA / NoRA++ adapters are refused
+    max_inline_lora_adapters: int | None = None
     max_num_seqs: int = 256  # cap on running sequences
     max_num_batched_tokens: int = 4096  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 4096  # prompt + generated tokens of one sequence
@@ -56,6 +68,19 @@ class EngineConfig:
                      "max_model_len", "block_size", "kv_cache_tokens_cpu"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_lora_adapters < 0:
+            raise ValueError(f"max_lora_adapters must be >= 0, got {self.max_lora_adapters}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        targets = self.lora_target_modules
+        if (isinstance(targets, str) or not targets
+                or any(t not in PROJECTIONS for t in targets)):
+            raise ValueError(f"lora_target_modules must be a non-empty tuple of {PROJECTIONS}, "
+                             f"got {targets!r}")
+        if self.max_inline_lora_adapters is not None and not (
+                0 <= self.max_inline_lora_adapters <= self.max_lora_adapters):
+            raise ValueError(f"max_inline_lora_adapters must be in [0, max_lora_adapters="
+                             f"{self.max_lora_adapters}], got {self.max_inline_lora_adapters}")
         if self.max_inline_adapters is not None and not (
                 0 <= self.max_inline_adapters <= self.max_adapters):
             raise ValueError(f"max_inline_adapters must be in [0, max_adapters="

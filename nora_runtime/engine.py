@@ -90,6 +90,10 @@ class ModelInfo:
     dtype: str
     max_adapters: int
     kv_cache_tokens: int
+    max_lora_adapters: int = 0  # LoRA pool rows (0: LoRA and NoRA++ adapters refused)
+    max_lora_rank: int = 0
+    lora_target_modules: tuple[str, ...] = ()
+    lora_pool_bytes: int = 0  # device memory of the LoRA pool
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class EngineStats:
     adapter_inline_evictions: int = 0  # of adapter_evictions, those of inline adapters
     adapter_reloads: int = 0  # named adapters reloaded from the store on use after an eviction
     adapters_registered: int = 0  # ids registered, resident or not
+    lora_slots_used: int = 0  # LoRA pool rows holding an adapter's LoRA
+    lora_slots_total: int = 0
 
 
 @dataclass(eq=False)
@@ -148,7 +154,9 @@ class Engine:
         self.registry = AdapterRegistry(runner.table, fingerprint=fingerprint, mode=config.mode,
                                         act=runner.act, store_dir=adapter_store,
                                         durable=durable_adapters,
-                                        max_inline=config.max_inline_adapters)
+                                        max_inline=config.max_inline_adapters,
+                                        lora_pool=runner.lora,
+                                        max_inline_lora=config.max_inline_lora_adapters)
         self.restored_adapters = self.registry.restore()  # [] without a durable store
         self.scheduler = Scheduler(config, runner.num_blocks)
         self.eos_ids = _eos_ids(checkpoint, hf, self.tokenizer)
@@ -165,7 +173,11 @@ class Engine:
             vocab_size=hf.vocab_size, max_model_len=self.max_model_len,
             eos_token_ids=self.eos_ids, device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."), max_adapters=config.max_adapters,
-            kv_cache_tokens=kv_tokens)
+            kv_cache_tokens=kv_tokens,
+            max_lora_adapters=runner.lora.capacity if runner.lora else 0,
+            max_lora_rank=config.max_lora_rank if runner.lora else 0,
+            lora_target_modules=runner.lora.targets if runner.lora else (),
+            lora_pool_bytes=runner.lora.nbytes if runner.lora else 0)
         self._seeds = random.Random(config.seed)  # seeds of requests that bring none
         self._lock = threading.Condition()
         self._incoming: list[_Request] = []
@@ -307,9 +319,15 @@ class Engine:
     # ---- adapters -----------------------------------------------------------------------------
 
     def load_adapter(self, adapter_id: str, source: str | Path | bytes) -> AdapterInfo:
-        """Load or replace a named (pinned) adapter (a path inside adapter_store, or file
-        bytes), persisted in a durable store. Running requests keep the version they started
-        with. Blocks on validation and fsync: call it off an event loop."""
+        """Load or replace a named (pinned) adapter, persisted in a durable store. Running
+        requests keep the version they started with. Blocks on validation and fsync: call it
+        off an event loop.
+
+        source: a path inside adapter_store (a nora .safetensors file, NoRA or NoRA++; a PEFT
+        LoRA directory with adapter_config.json + adapter_model.safetensors, or that config
+        file), or bytes (a nora file, or a PEFT LoRA packed by `nora_runtime.lora.pack_peft`;
+        a lone adapter_model.safetensors is refused: it lacks its config).
+        `AdapterInfo.kind` says what it is: "nora", "lora" or "nora++"."""
         return self.registry.load(adapter_id, source)
 
     def unload_adapter(self, adapter_id: str) -> None:
@@ -356,7 +374,9 @@ class Engine:
             slots_total=reg.capacity, adapter_loads=reg.loads,
             adapter_evictions=reg.evictions, adapter_load_failures=reg.load_failures,
             adapter_inline_evictions=reg.inline_evictions, adapter_reloads=reg.reloads,
-            adapters_registered=len(reg))
+            adapters_registered=len(reg),
+            lora_slots_used=reg.lora_capacity - reg.num_free_lora,
+            lora_slots_total=reg.lora_capacity)
 
     # ---- the loop -----------------------------------------------------------------------------
 

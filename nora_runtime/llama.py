@@ -1,8 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) with paged KV cache and rational MLPs.
 
 Weights come from a transformers checkpoint (config.json + *.safetensors). The model knows
-nothing of scheduling or adapters beyond one input: the per-token slot index in `ForwardBatch`,
-which its MLP activations pass to the multi-tenant rational kernels (DESIGN.md s2).
+nothing of scheduling or adapters beyond two per-token inputs in `ForwardBatch`: the slot index,
+which its MLP activations pass to the multi-tenant rational kernels (DESIGN.md s2), and the LoRA
+pool row (None when no token of the step has a LoRA), which every projection passes to the LoRA
+pool through one call, `_lora`.
 
 Shapes: N tokens in a step (all sequences' new tokens, flattened), H hidden, I intermediate,
 nh / nkv query / key-value heads of size d, B sequences.
@@ -21,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from nora_runtime.kernels.paged_attention import paged_decode_attention
+from nora_runtime.lora_pool import LoraPool
 from nora_runtime.ops import rational_act, use_triton
 from nora_runtime.table import CoefficientTable
 
@@ -32,11 +35,12 @@ class ForwardBatch:
     """Everything one forward step needs, as device tensors (built by the model runner).
 
     input_ids, positions, slots: [N]; kv_index: [N] int64 flat KV-cache row of each new token
-    (block * block_size + offset); seqs: per sequence (first token in the flat batch, new
-    tokens, context length after this step, its cache rows [ctx] int64); sample_index:
-    [B'] rows of the flat batch whose logits are wanted. For a pure decode step (one new
-    token per sequence) also block_tables [B, max_blocks] int32 and ctx_lens [B] int32, which
-    the paged decode kernel reads instead of `seqs`.
+    (block * block_size + offset); lora_rows: [N] int32 LoRA pool row of each token (0: none),
+    or None when no token has one (then no LoRA kernel runs); seqs: per sequence (first token
+    in the flat batch, new tokens, context length after this step, its cache rows [ctx] int64);
+    sample_index: [B'] rows of the flat batch whose logits are wanted. For a pure decode step
+    (one new token per sequence) also block_tables [B, max_blocks] int32 and ctx_lens [B]
+    int32, which the paged decode kernel reads instead of `seqs`.
     """
 
     input_ids: torch.Tensor
@@ -48,6 +52,16 @@ class ForwardBatch:
     block_size: int
     block_tables: torch.Tensor | None = None
     ctx_lens: torch.Tensor | None = None
+    lora_rows: torch.Tensor | None = None
+
+
+def _lora(y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, lora: LoraPool | None,
+          layer: int, name: str) -> torch.Tensor:
+    """y (projection `name` of `layer` applied to x) plus each token's LoRA delta, in place: the
+    one place where LoRA adapters enter the model (rows without one are left as they are)."""
+    if batch.lora_rows is not None and lora is not None and lora.serves(name):
+        lora.apply(y, x, layer, name, batch.lora_rows)
+    return y
 
 
 def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
@@ -94,9 +108,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer: int) -> None:
+    def __init__(self, config, layer: int, lora: LoraPool | None = None) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.lora = layer, lora
         self.nh = config.num_attention_heads
         self.nkv = config.num_key_value_heads
         self.d = getattr(config, "head_dim", None) or config.hidden_size // self.nh
@@ -109,10 +123,11 @@ class Attention(nn.Module):
                                                                        False)))
 
     def forward(self, x, batch: ForwardBatch, cos, sin, k_cache, v_cache) -> torch.Tensor:
-        N = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(N, self.nh, self.d), cos, sin)
-        k = apply_rope(self.k_proj(x).view(N, self.nkv, self.d), cos, sin)
-        v = self.v_proj(x).view(N, self.nkv, self.d)
+        N, lora, l = x.shape[0], self.lora, self.layer
+        q = _lora(self.q_proj(x), x, batch, lora, l, "q_proj").view(N, self.nh, self.d)
+        k = _lora(self.k_proj(x), x, batch, lora, l, "k_proj").view(N, self.nkv, self.d)
+        v = _lora(self.v_proj(x), x, batch, lora, l, "v_proj").view(N, self.nkv, self.d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # k_cache/v_cache: [num_blocks * block_size, nkv, d] views of this layer's cache
         k_cache.index_copy_(0, batch.kv_index, k)
         v_cache.index_copy_(0, batch.kv_index, v)
@@ -124,7 +139,8 @@ class Attention(nn.Module):
             for start, n, ctx, rows in batch.seqs:
                 out[start:start + n] = self._attend(q[start:start + n], k_cache[rows],
                                                     v_cache[rows], ctx)
-        return self.o_proj(out.view(N, self.nh * self.d))
+        out = out.view(N, self.nh * self.d)
+        return _lora(self.o_proj(out), out, batch, lora, l, "o_proj")
 
     def _attend(self, q, k, v, ctx: int) -> torch.Tensor:
         """Causal attention of n new queries (the last n of ctx positions) over ctx keys.
@@ -144,41 +160,49 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU with the multi-tenant rational activation: down(R_slot(gate) * up)."""
 
-    def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str) -> None:
+    def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str,
+                 lora: LoraPool | None = None) -> None:
         super().__init__()
         self.layer, self.table, self.act, self.mode = layer, table, act, mode
+        self.lora = lora
         H, I = config.hidden_size, config.intermediate_size
         self.gate_up_proj = nn.Linear(H, 2 * I, bias=False)  # gate_proj and up_proj, fused
         self.down_proj = nn.Linear(I, H, bias=False)
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        lora, l = self.lora, self.layer
         gu = self.gate_up_proj(x)  # [N, 2I]
         I = gu.shape[-1] // 2
-        h = rational_act(gu[:, :I], self.table.site(self.layer), slots, act=self.act,
+        _lora(gu[:, :I], x, batch, lora, l, "gate_proj")  # into the two halves, in place
+        _lora(gu[:, I:], x, batch, lora, l, "up_proj")
+        h = rational_act(gu[:, :I], self.table.site(l), batch.slots, act=self.act,
                          mode=self.mode, up=gu[:, I:])
-        return self.down_proj(h)
+        return _lora(self.down_proj(h), h, batch, lora, l, "down_proj")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str) -> None:
+    def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str,
+                 lora: LoraPool | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, lora)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer, table, act, mode)
+        self.mlp = MLP(config, layer, table, act, mode, lora)
 
 
 class LlamaModel(nn.Module):
     """Llama-family causal LM over a paged KV cache. `table` holds every resident adapter's
-    coefficients (slot 0 = base); `act` is the base activation the rationals replace."""
+    coefficients (slot 0 = base); `act` is the base activation the rationals replace; `lora`
+    (None: no LoRA) holds every resident LoRA adapter's factors."""
 
-    def __init__(self, config, table: CoefficientTable, act: str, mode: str) -> None:
+    def __init__(self, config, table: CoefficientTable, act: str, mode: str,
+                 lora: LoraPool | None = None) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED:
             raise ValueError(f"model_type {config.model_type!r} is not Llama-family {SUPPORTED}")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, table, act, mode)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, table, act, mode, lora)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -200,7 +224,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), batch, cos, sin, k_cache[i],
                                     v_cache[i])
-            x = x + layer.mlp(layer.post_attention_layernorm(x), batch.slots)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), batch)
         x = self.norm(x[batch.sample_index])
         return self.lm_head(x).float()
 

@@ -1,5 +1,5 @@
 """The model runner: the one object that owns device state (weights, KV cache, coefficient
-table) and turns a scheduled batch into logits (DESIGN.md s2).
+table, LoRA pool) and turns a scheduled batch into logits (DESIGN.md s2).
 
 The scheduler hands it pure-Python metadata; `prepare` builds the step's device tensors in one
 `ForwardBatch`, `forward` runs the model over them.
@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nora_runtime.config import EngineConfig
 from nora_runtime.llama import ForwardBatch, LlamaModel, load_weights, rope_inv_freq
+from nora_runtime.lora_pool import LoraPool, projection_shapes
 from nora_runtime.ops import use_triton
 from nora_runtime.rational import base_coefficients
 from nora_runtime.table import CoefficientTable
@@ -77,7 +78,12 @@ def init_random(model: LlamaModel, std: float = 0.02) -> None:
 
 
 class ModelRunner:
-    """Weights, KV cache and coefficient table of one served model, on one device.
+    """Weights, KV cache, coefficient table and LoRA pool of one served model, on one device.
+
+    LoRA pool (`lora`, None when config.max_lora_adapters is 0): allocated before the KV cache,
+    which gets the memory left. A step's tokens carry their table slot; `prepare` maps it to
+    the coefficient slot and pool row the model reads (LoraPool.route), and a step without
+    LoRA tokens runs no LoRA kernel (on GPU: a second set of decode graphs).
 
     KV cache: [layers, num_blocks * block_size, nkv, d] for keys and for values; block b holds
     rows b * block_size .. (b + 1) * block_size - 1. Its size comes from free device memory times
@@ -97,6 +103,11 @@ class ModelRunner:
         L = self.hf_config.num_hidden_layers
         self.table = CoefficientTable(base_coefficients(act), slots=config.max_adapters + 1,
                                       groups=config.groups, sites=L, device=self.device)
+        rows = min(config.max_lora_adapters, config.max_adapters)  # each needs a table slot
+        self.lora = None if not rows else LoraPool(
+            slots=rows, rank=config.max_lora_rank, layers=L,
+            shapes=projection_shapes(self.hf_config), targets=config.lora_target_modules,
+            table_slots=self.table.num_slots, dtype=self.dtype, device=self.device)
         self.model = self._load_model(checkpoint)
         attn = self.model.layers[0].self_attn
         self.block_size = config.block_size
@@ -106,6 +117,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # graphs capture the paged decode kernel; the torch path (NORA_BACKEND=torch) attends
         # per sequence from host-side metadata, which a replay cannot change
         if config.cuda_graphs and self.device.type == "cuda" and use_triton(self.k_cache):
@@ -113,7 +125,8 @@ class ModelRunner:
 
     def _load_model(self, checkpoint: Path) -> LlamaModel:
         with torch.device("meta"):  # no host copy of random weights: 8B would be 32 GB
-            model = LlamaModel(self.hf_config, self.table, self.act, self.config.mode)
+            model = LlamaModel(self.hf_config, self.table, self.act, self.config.mode,
+                               self.lora)
         model = model.to_empty(device=self.device).to(self.dtype)
         if self.hf_config.tie_word_embeddings:  # leaving the meta device unties them
             model.lm_head.weight = model.embed_tokens.weight
@@ -145,6 +158,7 @@ class ModelRunner:
         """Device tensors of one step. seqs: objects with .token_slice(start, stop) (known token
         ids), .num_computed, .block_table, .slot; num_new[i] tokens of seqs[i] are computed now."""
         ids, pos, slots, kv, meta, samp = [], [], [], [], [], []
+        lora_rows = None
         bs = self.block_size
         decode = all(n == 1 for n in num_new)
         paged = decode and use_triton(self.k_cache)  # the kernel reads block tables, not rows
@@ -162,11 +176,16 @@ class ModelRunner:
             if want:
                 samp.append(start + n - 1)
 
+        if self.lora is not None:  # table slot -> coefficient slot and LoRA pool row
+            slots, lora_rows = self.lora.route(slots)
+
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=self.device)
 
         batch = ForwardBatch(t(ids, torch.long), t(pos, torch.long), t(slots, torch.int32),
                              t(kv, torch.long), meta, t(samp, torch.long), bs)
+        if lora_rows is not None:
+            batch.lora_rows = t(lora_rows, torch.int32)
         if decode:  # the paged kernel reads block tables
             width = max(len(s.block_table) for s in seqs)
             batch.block_tables = t([s.block_table + [0] * (width - len(s.block_table))
@@ -178,25 +197,30 @@ class ModelRunner:
         """Logits [B', V] float32 of the rows batch.sample_index (a decode step of a captured
         batch size replays its CUDA graph)."""
         B = batch.input_ids.shape[0]
-        size = next((b for b in sorted(self.graphs) if b >= B), None)
+        graphs = self.graphs if batch.lora_rows is None else self.lora_graphs
+        size = next((b for b in sorted(graphs) if b >= B), None)
         if batch.block_tables is None or size is None or batch.sample_index.shape[0] != B:
             return self.model(batch, self.k_cache, self.v_cache)
         st = self._static
         pad = (self.num_blocks * self.block_size, self.num_blocks)  # scratch row and block
-        for name, value, fill in (("ids", batch.input_ids, 0), ("pos", batch.positions, 0),
-                                  ("slots", batch.slots, 0), ("kv", batch.kv_index, pad[0]),
-                                  ("ctx", batch.ctx_lens, 1)):
+        inputs = [("ids", batch.input_ids, 0), ("pos", batch.positions, 0),
+                  ("slots", batch.slots, 0), ("kv", batch.kv_index, pad[0]),
+                  ("ctx", batch.ctx_lens, 1)]
+        if batch.lora_rows is not None:
+            inputs.append(("lora", batch.lora_rows, 0))
+        for name, value, fill in inputs:
             st[name][:B].copy_(value)
             st[name][B:size].fill_(fill)
         st["tables"][:size].fill_(pad[1])
         st["tables"][:B, :batch.block_tables.shape[1]].copy_(batch.block_tables)
-        graph, logits = self.graphs[size]
+        graph, logits = graphs[size]
         graph.replay()
         return logits[:B].clone()
 
     def _capture_decode_graphs(self) -> None:
-        """Capture decode steps at bucketed batch sizes. The graphs read the coefficient table
-        and KV cache in place, so later adapter loads and swaps need no recapture."""
+        """Capture decode steps at bucketed batch sizes, without LoRA and (with a LoRA pool)
+        with it. The graphs read the coefficient table, LoRA pool and KV cache in place, so
+        later adapter loads and swaps need no recapture."""
         top = min(self.config.max_num_seqs, 256)
         sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < top} | {top})
         width = -(-self.config.max_model_len // self.block_size)
@@ -205,19 +229,23 @@ class ModelRunner:
             "ids": torch.zeros(top, dtype=long, device=dev),
             "pos": torch.zeros(top, dtype=long, device=dev),
             "slots": torch.zeros(top, dtype=i32, device=dev),
+            "lora": torch.zeros(top, dtype=i32, device=dev),
             "kv": torch.full((top,), self.num_blocks * self.block_size, dtype=long, device=dev),
             "ctx": torch.ones(top, dtype=i32, device=dev),
             "tables": torch.full((top, width), self.num_blocks, dtype=i32, device=dev),
             "sample": torch.arange(top, device=dev),  # every row samples in decode
         }
         pool = torch.cuda.graph_pool_handle()
-        for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
-            batch = ForwardBatch(st["ids"][:b], st["pos"][:b], st["slots"][:b], st["kv"][:b],
-                                 [], st["sample"][:b], self.block_size,
-                                 st["tables"][:b], st["ctx"][:b])
-            self.model(batch, self.k_cache, self.v_cache)  # warm-up: compile kernels
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model(batch, self.k_cache, self.v_cache)
-            self.graphs[b] = (graph, logits)
+        sets = [(self.graphs, False)] + ([(self.lora_graphs, True)] if self.lora else [])
+        for graphs, with_lora in sets:
+            for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
+                batch = ForwardBatch(st["ids"][:b], st["pos"][:b], st["slots"][:b],
+                                     st["kv"][:b], [], st["sample"][:b], self.block_size,
+                                     st["tables"][:b], st["ctx"][:b],
+                                     st["lora"][:b] if with_lora else None)
+                self.model(batch, self.k_cache, self.v_cache)  # warm-up: compile kernels
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model(batch, self.k_cache, self.v_cache)
+                graphs[b] = (graph, logits)

@@ -1,5 +1,8 @@
 """The multi-tenant rational activation as one call: Triton on GPU, the torch reference on CPU.
 
+`lora_delta(y, x, A, B, scale, idx)` adds each token's own LoRA delta the same way (Triton on
+CUDA, `lora_ref` elsewhere).
+
 `rational_act(x, table, slot, ...)` computes, for every token t, the activation of x[t] with the
 coefficients of table row slot[t] (semantics in nora_runtime.kernels.rational_fwd), and is
 differentiable w.r.t. x and table. The backend is chosen per call: Triton for CUDA tensors, the
@@ -15,11 +18,12 @@ import torch
 
 from nora_runtime.rational import base_activation, rational
 
-try:  # triton is only a dependency on Linux x86_64
+try:  # triton is only a dependency on Linux x86_64 (the engine's model needs it anyway)
+    from nora_runtime.kernels.lora import lora_forward, lora_ref
     from nora_runtime.kernels.rational_bwd import rational_backward
     from nora_runtime.kernels.rational_fwd import rational_forward
 except ImportError:  # pragma: no cover - platforms without triton
-    rational_forward = rational_backward = None
+    rational_forward = rational_backward = lora_forward = lora_ref = None
 
 
 def rational_act_ref(
@@ -98,3 +102,14 @@ def rational_act(
     if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):
         return _RationalTriton.apply(x2, table, s, act, mode, clamp).view(shape)
     return rational_forward(x2, table, s, act=act, mode=mode, clamp=clamp).view(shape)
+
+
+def lora_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               scale: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Multi-tenant LoRA delta, in place: y[t] += scale[s] * B[s] @ (A[s] @ x[t]) for
+    s = idx[t] > 0 (nora_runtime.kernels.lora). x: [T, K]; y: [T, N] (a column slice is fine);
+    A: [P, R, K]; B: [P, N, R]; scale: [P] float32; idx: [T] int32. Inference only."""
+    if use_triton(x):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return lora_forward(y, x, A, B, scale, idx)
+    return lora_ref(y, x, A, B, scale, idx)

@@ -49,6 +49,20 @@ happen under a second lock that only loads and unloads take.
 
 Slot allocation (a free-list stack) and LRU eviction (OrderedDicts of idle slots) are O(1), so a
 table of >= 100,000 slots costs only its memory (S x L x G x 40 bytes).
+
+Adapter kinds (AdapterInfo.kind), one id namespace and one `load`: "nora" (coefficients: a nora
+file), "lora" (a PEFT LoRA: a directory in the store with adapter_config.json and
+adapter_model.safetensors, or the packed file `nora_runtime.lora.pack_peft` makes of one, which
+is also what the durable store keeps) and "nora++" (a nora file with a LoRA part). Every adapter
+holds a table slot, which is what requests hold and tokens carry; an adapter with LoRA also
+holds a row of the LoRA pool (`lora_pool`, nora_runtime.lora_pool), bound to its slot
+(`LoraPool.bind`): the model reads the row through the slot, and a LoRA adapter without
+coefficients reads the base's. Pool rows follow their slot through every state above (a retired
+slot keeps its row until released, so a replace never changes a running request's LoRA either)
+and have budgets of their own: at most `max_inline_lora` rows hold inline adapters, and when no
+row is free a load evicts the least recently used idle adapter holding one (inline ones only for
+inline loads; named ones only with a durable store), slot and row together. Writes go table
+first, then pool (validated before any write), into a slot and row no running request reads.
 """
 
 from __future__ import annotations
@@ -66,10 +80,31 @@ from pathlib import Path
 
 import torch
 
-from nora_runtime.adapter import AdapterError, AdapterMismatchError, load_adapter
+from nora_runtime.adapter import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterMismatchError,
+    UnsupportedAdapter,
+    load_adapter,
+)
+from nora_runtime.lora import (
+    PEFT_CONFIG,
+    PEFT_FORMAT,
+    PEFT_WEIGHTS,
+    LoraAdapter,
+    file_metadata,
+    from_lora_weights,
+    is_peft_weights,
+    pack_peft,
+    parse_packed_peft,
+)
+from nora_runtime.lora_pool import LoraPool
 from nora_runtime.rational import ACTIVATIONS, MODES
 from nora_runtime.store import BLOB_SUFFIX, AdapterStore, Record, StoreError, read_regular_file
 from nora_runtime.table import CoefficientTable
+
+__all__ = ["AdapterHold", "AdapterInfo", "AdapterNotFound", "AdapterPathError",
+           "AdapterRegistry", "GroupCountMismatch", "RegistryFull", "UnsupportedAdapter"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +114,7 @@ INLINE = "inline"  # AdapterInfo.source of adapters given as bytes
 # could plant coefficients under the hash of another tenant's bytes and `hold_inline` would
 # hand them out as a dedupe hit.
 INLINE_PREFIX = "sha256:"
+KINDS = ("nora", "lora", "nora++")  # AdapterInfo.kind
 MAX_ID_LEN = 128
 _RELOAD_TRIES = 3  # a replace racing a reload makes it read again; more than 3 in a row is a bug
 
@@ -90,12 +126,6 @@ class AdapterPathError(ValueError):
 
 class GroupCountMismatch(AdapterMismatchError):
     """The adapter's G' groups do not divide the table's G (FAILED_PRECONDITION)."""
-
-
-class UnsupportedAdapter(AdapterMismatchError):
-    """A sound adapter of a kind this server cannot apply: NoRA++ adapters carry LoRA weights
-    for linear layers besides their coefficients (FAILED_PRECONDITION). Refused outright, never
-    served with the LoRA part silently dropped."""
 
 
 class AdapterNotFound(KeyError):
@@ -128,6 +158,10 @@ class AdapterInfo:
     source: str  # INLINE, or the file's path inside the store directory
     inline: bool = False  # an inline adapter (id INLINE_PREFIX + hash): usable only by its bytes
     resident: bool = True  # False: registered, reloaded from the store on its next use
+    kind: str = "nora"  # one of KINDS; "" for a stored adapter not loaded since a restart
+    lora_rank: int = 0  # the largest rank of its LoRA modules (0: no LoRA)
+    lora_targets: tuple[str, ...] = ()  # the projections its LoRA adapts
+    lora_row: int = 0  # its current LoRA pool row (0: none)
 
 
 class AdapterHold:
@@ -171,6 +205,21 @@ class _Entry:
     stored: Record | None = None  # its durable copy; None: memory only
     requests: int = 0
     tokens: int = 0
+    kind: str = ""
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A validated adapter of any kind: NoRA coefficients [L, G', 10] and/or a LoRA."""
+
+    coefs: torch.Tensor | None
+    lora: LoraAdapter | None
+
+    @property
+    def kind(self) -> str:
+        return "nora" if self.lora is None else "lora" if self.coefs is None else "nora++"
 
 
 class AdapterRegistry:
@@ -182,7 +231,10 @@ class AdapterRegistry:
     (the default) the named adapters' state lives in `store_dir` (store.py) and survives
     restarts (`restore`); without a store dir, or with durable=False (the demo adapters in the
     read-only package directory), state is memory-only. `max_inline`: inline adapters resident
-    at once (None: a quarter of the slots, at least 1; 0: inline adapters refused). Thread-safe.
+    at once (None: a quarter of the slots, at least 1; 0: inline adapters refused).
+    `lora_pool`: where LoRA and NoRA++ adapters' LoRA goes (None: they are refused, with
+    UnsupportedAdapter); `max_inline_lora`: of its rows, those inline adapters may hold (None: a
+    quarter, at least 1; 0: inline adapters with LoRA refused). Thread-safe.
 
     Counters for metrics: `loads`, `evictions` (of which `inline_evictions`), `reloads` (named
     adapters brought back from the store), `load_failures` (bad or mismatched adapters, bad
@@ -191,7 +243,8 @@ class AdapterRegistry:
 
     def __init__(self, table: CoefficientTable, *, fingerprint: str | None, mode: str, act: str,
                  store_dir: str | os.PathLike[str] | None = None, durable: bool = True,
-                 max_inline: int | None = None) -> None:
+                 max_inline: int | None = None, lora_pool: LoraPool | None = None,
+                 max_inline_lora: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if act not in ACTIVATIONS:
@@ -203,6 +256,14 @@ class AdapterRegistry:
         self.max_inline = max(1, self.capacity // 4) if max_inline is None else max_inline
         if not 0 <= self.max_inline <= self.capacity:
             raise ValueError(f"max_inline must be in [0, {self.capacity}], got {max_inline}")
+        self.lora_pool = lora_pool
+        rows = lora_pool.capacity if lora_pool is not None else 0
+        if lora_pool is not None and len(lora_pool.row) != table.num_slots:
+            raise ValueError("lora_pool must map every slot of the table (table_slots)")
+        if max_inline_lora is not None and max_inline_lora < 0:
+            raise ValueError(f"max_inline_lora must be >= 0, got {max_inline_lora}")
+        self.max_inline_lora = (max(1, rows // 4) if max_inline_lora is None
+                                else min(max_inline_lora, rows))
         n = table.num_slots
         self._lock = threading.Lock()
         self._persist = threading.Lock()  # orders named loads/unloads: store write + install
@@ -214,6 +275,13 @@ class AdapterRegistry:
         self._idle_named: OrderedDict[int, None] = OrderedDict()  # stored named ones only
         self._retired: set[int] = set()
         self._n_inline = 0  # inline ids registered (all of them resident)
+        # LoRA pool rows: the row each slot's adapter holds (0: none), free rows (a stack), and
+        # the idle slots holding a row, in LRU order (subsets of the two orders above)
+        self._row = [0] * n
+        self._free_rows = list(range(rows, 0, -1))
+        self._idle_lora_inline: OrderedDict[int, None] = OrderedDict()
+        self._idle_lora_named: OrderedDict[int, None] = OrderedDict()
+        self._n_inline_lora = 0  # inline ids holding a row
         self.loads = self.evictions = self.inline_evictions = self.reloads = 0
         self.load_failures = 0
 
@@ -226,6 +294,15 @@ class AdapterRegistry:
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def lora_capacity(self) -> int:
+        """LoRA pool rows (0: no pool)."""
+        return self.lora_pool.capacity if self.lora_pool is not None else 0
+
+    @property
+    def num_free_lora(self) -> int:
+        return len(self._free_rows)
+
     def __len__(self) -> int:
         """Registered ids, resident or not."""
         return len(self._ids)
@@ -234,7 +311,9 @@ class AdapterRegistry:
 
     def load(self, adapter_id: str, source: bytes | str | os.PathLike[str]) -> AdapterInfo:
         """Load a named adapter (file bytes, or a path inside the store directory) under
-        `adapter_id`; with a durable store, persist it first.
+        `adapter_id`; with a durable store, persist it first. Bytes: a nora file (NoRA or
+        NoRA++) or a packed PEFT LoRA (`nora_runtime.lora.pack_peft`); a path: a nora file, a
+        PEFT directory (adapter_config.json + adapter_model.safetensors) or its config file.
 
         If the id is loaded already, this replaces it. Requests running with the old version
         keep it to the end: the new coefficients go to another slot and the id switches to it
@@ -254,9 +333,9 @@ class AdapterRegistry:
                              "inline adapters")
         with self._failures_counted():
             data, origin = (source, INLINE) if isinstance(source, bytes) else self._read(source)
-            coefs = self._validate(data)
+            parsed = self._validate(data)
         with self._persist:
-            return self._load_named(adapter_id, data, coefs, origin)
+            return self._load_named(adapter_id, data, parsed, origin)
 
     def unload(self, adapter_id: str) -> None:
         """Remove `adapter_id` now (and from the durable store, marked unloaded so that its
@@ -319,11 +398,11 @@ class AdapterRegistry:
             if (entry := self._ids.get(adapter_id)) is not None:
                 return self._hold(entry)
         with self._failures_counted():
-            coefs = self._validate(data)
+            parsed = self._validate(data)
         with self._lock:
             if (entry := self._ids.get(adapter_id)) is not None:  # a racing hold_inline won
                 return self._hold(entry)
-            entry = self._install(adapter_id, coefs, source=INLINE, nbytes=len(data),
+            entry = self._install(adapter_id, parsed, source=INLINE, nbytes=len(data),
                                   inline=True, stored=None)
             self.loads += 1
             return self._hold(entry)
@@ -401,32 +480,55 @@ class AdapterRegistry:
         path = (self.store_dir / rel).resolve()
         if not path.is_relative_to(self.store_dir):
             raise AdapterPathError(f"adapter path {name!r} leads outside the store directory")
-        try:  # a regular file only: a named pipe would block the read forever
+        try:  # (stat raises OSError too: a name too long, say)
+            if path.name in (PEFT_CONFIG, PEFT_WEIGHTS) and (path.parent / PEFT_CONFIG).is_file():
+                path = path.parent  # a PEFT directory named by one of its two files
+            if path.is_dir() and not (path / PEFT_CONFIG).exists():
+                raise AdapterPathError(f"cannot read adapter file {name!r}: Is a directory (a "
+                                       f"PEFT LoRA directory holds {PEFT_CONFIG})")
+            # regular files only: a named pipe would block the read forever
+            if path.is_dir():  # a PEFT directory: packed into one file (and one stored blob)
+                return pack_peft(path, read=read_regular_file), rel.as_posix()
             return read_regular_file(path), rel.as_posix()  # load_adapter rejects too much
         except OSError as e:
             raise AdapterPathError(f"cannot read adapter file {name!r}: {e.strerror}") from e
 
-    def _validate(self, data: bytes) -> torch.Tensor:
-        """Merged coefficients [L, G', 10] of adapter bytes that fit the served model."""
-        loaded = load_adapter(data, expect_fingerprint=self.fingerprint, expect_mode=self.mode,
-                              expect_act=self.act, expect_sites=self.table.num_sites)
-        if loaded.lora is not None:
-            raise UnsupportedAdapter(
-                f"NoRA++ adapters carry LoRA weights ({len(loaded.lora.factors)} linear "
-                "modules), which this server cannot serve in mixed batches yet; load a NoRA "
-                "adapter (coefficients only)")
-        g = loaded.coefs.shape[1]
-        if self.table.groups % g:
-            raise GroupCountMismatch(f"adapter has groups={g}; the model's {self.table.groups} "
-                                     "groups are not a multiple of it")
-        return loaded.coefs
+    def _validate(self, data: bytes) -> _Parsed:
+        """The coefficients [L, G', 10] and/or LoRA of adapter bytes that fit the served model
+        (and this server's LoRA pool)."""
+        meta = file_metadata(data)
+        if meta.get("format") == PEFT_FORMAT:
+            parsed = _Parsed(None, parse_packed_peft(data, meta))
+        elif is_peft_weights(data, meta):
+            raise AdapterFormatError(
+                "these are the bytes of a PEFT adapter_model.safetensors alone, without its "
+                "adapter_config.json (alpha, rsLoRA, ...): load the PEFT directory by path from "
+                "the store, or send the packed file nora_runtime.lora.pack_peft(dir) makes")
+        else:
+            loaded = load_adapter(data, expect_fingerprint=self.fingerprint,
+                                  expect_mode=self.mode, expect_act=self.act,
+                                  expect_sites=self.table.num_sites)
+            g = loaded.coefs.shape[1]
+            if self.table.groups % g:
+                raise GroupCountMismatch(f"adapter has groups={g}; the model's "
+                                         f"{self.table.groups} groups are not a multiple of it")
+            lora = None if loaded.lora is None else from_lora_weights(loaded.lora)
+            parsed = _Parsed(loaded.coefs, lora)
+        if parsed.lora is not None:
+            if self.lora_pool is None:
+                raise UnsupportedAdapter(
+                    f"{parsed.kind} adapters carry LoRA weights, and this server has no LoRA "
+                    "pool (EngineConfig.max_lora_adapters=0): load a NoRA adapter, or give the "
+                    "server a LoRA pool")
+            self.lora_pool.check(parsed.lora)
+        return parsed
 
-    def _load_named(self, adapter_id: str, data: bytes, coefs: torch.Tensor,
+    def _load_named(self, adapter_id: str, data: bytes, parsed: _Parsed,
                     origin: str) -> AdapterInfo:
         """Store (durable), then install; on any error both are as they were. Under _persist."""
         if self.store is None:
             with self._lock:
-                entry = self._install(adapter_id, coefs, source=origin, nbytes=len(data),
+                entry = self._install(adapter_id, parsed, source=origin, nbytes=len(data),
                                       inline=False, stored=None)
                 self.loads += 1
                 return self._info(entry)
@@ -435,7 +537,7 @@ class AdapterRegistry:
         self.store.set(adapter_id, record)
         try:
             with self._lock:
-                entry = self._install_stored(adapter_id, coefs, record)
+                entry = self._install_stored(adapter_id, parsed, record)
                 self.loads += 1
                 info = self._info(entry)
         except BaseException:
@@ -445,16 +547,17 @@ class AdapterRegistry:
             self.store.collect(before[0].sha256)
         return info
 
-    def _install_stored(self, adapter_id: str, coefs: torch.Tensor, record: Record) -> _Entry:
-        """Install a stored named adapter; when every slot is held, register it not resident
-        (its stored copy loads on its next use) instead of failing. Under the lock."""
+    def _install_stored(self, adapter_id: str, parsed: _Parsed, record: Record) -> _Entry:
+        """Install a stored named adapter; when every slot (or LoRA row) is held, register it
+        not resident (its stored copy loads on its next use) instead of failing. Under the
+        lock."""
         try:
-            return self._install(adapter_id, coefs, source=record.source, nbytes=record.nbytes,
-                                 inline=False, stored=record)
+            return self._install(adapter_id, parsed, source=record.source,
+                                 nbytes=record.nbytes, inline=False, stored=record)
         except RegistryFull:
             return self._seat(adapter_id, self._ids.get(adapter_id), BASE_SLOT,
                               source=record.source, nbytes=record.nbytes, inline=False,
-                              stored=record)
+                              stored=record, parsed=parsed)
 
     def _undo_store(self, adapter_id: str, before: tuple[Record | None, bool],
                     record: Record) -> None:
@@ -477,7 +580,7 @@ class AdapterRegistry:
             try:  # read and validate off the lock, as a load does
                 data = self.store.read(record)
                 with self._failures_counted():
-                    coefs = self._validate(data)
+                    parsed = self._validate(data)
             except StoreError:
                 with self._lock:
                     if self._named(adapter_id).stored == record:
@@ -488,7 +591,7 @@ class AdapterRegistry:
                 if not entry.slot:
                     if entry.stored != record:
                         continue  # replaced meanwhile: read the new version
-                    self._install(adapter_id, coefs, source=record.source,
+                    self._install(adapter_id, parsed, source=record.source,
                                   nbytes=record.nbytes, inline=False, stored=record)
                     if hold:  # on use, after an eviction (at startup: a load)
                         self.reloads += 1
@@ -535,8 +638,8 @@ class AdapterRegistry:
                     data, origin = self._read(name)
                     if record and hashlib.sha256(data).hexdigest() == record.sha256:
                         continue  # restored already
-                    coefs = self._validate(data)
-                self._load_named(adapter_id, data, coefs, origin)
+                    parsed = self._validate(data)
+                self._load_named(adapter_id, data, parsed, origin)
             except Exception as exc:  # one bad file must not keep the others from serving
                 log.error("adapter file %s not loaded: %s", name, exc)
                 continue
@@ -546,23 +649,83 @@ class AdapterRegistry:
 
     # ---- slot bookkeeping (all under the lock) ------------------------------------------------
 
-    def _install(self, adapter_id: str, coefs: torch.Tensor, *, source: str, nbytes: int,
+    def _install(self, adapter_id: str, parsed: _Parsed, *, source: str, nbytes: int,
                  inline: bool, stored: Record | None) -> _Entry:
-        """Write `coefs` to a slot for `adapter_id` and make it the id's current (idle) slot.
-        The write goes first: if it raises, no id or slot has changed."""
+        """Write an adapter to a slot (and its LoRA to a pool row) for `adapter_id` and make it
+        the id's current (idle) slot. The writes go first (the table's, which checks everything
+        before it copies, then the pool's, checked in `_validate`): if the table write raises,
+        no id, slot or row has changed."""
         entry = self._ids.get(adapter_id)
         slot, evict = self._place(entry, inline)
-        self.table.write(slot, coefs)
+        in_place = not evict and entry is not None and entry.slot == slot
+        row, row_victim, from_free = 0, None, False
+        if parsed.lora is not None:
+            row, row_victim, from_free = self._place_row(
+                inline, self._row[slot] if evict or in_place else 0)
+        if parsed.coefs is not None:
+            self.table.write(slot, parsed.coefs)
+        if parsed.lora is not None:
+            self.lora_pool.write(row, parsed.lora)
+        if parsed.coefs is None:  # a LoRA alone reads the base coefficients (LoraPool.bind);
+            self.table.clear(slot)  # its own slot holds them too, as a free slot does
+        old_row = self._row[slot]
+        if from_free:
+            self._free_rows.pop()  # _place_row handed out the top of the stack
         if evict:
             self._evict(slot)
-        elif entry is not None and entry.slot == slot:  # the idle old version, overwritten
+        elif in_place:  # the idle old version, overwritten
             self._unidle(slot)
         else:
             self._free.pop()  # _place handed out the top of the stack
+        if row_victim is not None:  # gives its row (now ours), and with it its slot
+            self._evict(row_victim)
+            self._row[row_victim] = 0
+            self.lora_pool.bind(row_victim, 0, lora_only=False)
+            self._free_slot(row_victim)
+        if old_row != row:
+            self._unbind_row(slot)
+        self._row[slot] = row
+        if self.lora_pool is not None:
+            self.lora_pool.bind(slot, row, lora_only=parsed.coefs is None)
         entry = self._seat(adapter_id, entry, slot, source=source, nbytes=nbytes, inline=inline,
-                           stored=stored)
+                           stored=stored, parsed=parsed)
         self._make_idle(slot)
         return entry
+
+    def _place_row(self, inline: bool, reusable: int) -> tuple[int, int | None, bool]:
+        """(pool row, the idle slot whose adapter gives it up or None, whether the row is the
+        top of the free stack) for a new adapter's LoRA; changes nothing. `reusable`: the row
+        of the slot being overwritten (its old version's, or its evicted adapter's), taken
+        first. Inline adapters evict only inline
+        ones; named ones, inline ones first (then stored named ones, as `_place`)."""
+        if reusable:
+            return reusable, None, False
+        if inline and self._n_inline_lora >= self.max_inline_lora:
+            if self._idle_lora_inline:
+                victim = next(iter(self._idle_lora_inline))
+                return self._row[victim], victim, False
+            raise RegistryFull("inline adapters with LoRA are disabled on this server" if not
+                               self.max_inline_lora else f"all {self.max_inline_lora} inline "
+                               "LoRA pool rows are held by running requests; retry later")
+        if self._free_rows:
+            return self._free_rows[-1], None, True
+        lrus = ((self._idle_lora_inline,) if inline
+                else (self._idle_lora_inline, self._idle_lora_named))
+        for lru in lrus:
+            if lru:
+                victim = next(iter(lru))
+                return self._row[victim], victim, False
+        raise RegistryFull(f"all {self.lora_capacity} LoRA pool rows are held by running "
+                           "requests " + ("or named adapters" if inline else
+                                          "or pinned adapters"))
+
+    def _unbind_row(self, slot: int) -> None:
+        """Give the pool row of `slot` back (none: nothing to do)."""
+        row = self._row[slot]
+        if row:
+            self._row[slot] = 0
+            self._free_rows.append(row)
+            self.lora_pool.bind(slot, 0, lora_only=False)
 
     def _place(self, entry: _Entry | None, inline: bool) -> tuple[int, bool]:
         """(slot, whether its idle adapter is evicted) for new coefficients of `entry` (None: a
@@ -585,8 +748,10 @@ class AdapterRegistry:
                            + ("or named adapters" if inline else "or pinned adapters"))
 
     def _seat(self, adapter_id: str, entry: _Entry | None, slot: int, *, source: str,
-              nbytes: int, inline: bool, stored: Record | None) -> _Entry:
-        """Make `slot` (BASE_SLOT: none) the id's current one; an old slot retires."""
+              nbytes: int, inline: bool, stored: Record | None,
+              parsed: _Parsed | None = None) -> _Entry:
+        """Make `slot` (BASE_SLOT: none) the id's current one; an old slot retires. `parsed`:
+        what it serves (None: not known until it is loaded)."""
         now = time.time()
         if entry is None:
             entry = self._ids[adapter_id] = _Entry(adapter_id, BASE_SLOT, source, nbytes, now,
@@ -596,6 +761,13 @@ class AdapterRegistry:
             self._retired.add(entry.slot)  # overwritten in place): theirs until released
         entry.slot, entry.source, entry.nbytes, entry.stored = slot, source, nbytes, stored
         entry.loaded_at = entry.last_used = now
+        if parsed is not None:
+            entry.kind = parsed.kind
+            lora = parsed.lora
+            entry.lora_rank = lora.rank if lora else 0
+            entry.lora_targets = lora.targets if lora else ()
+        if entry.inline and slot and self._row[slot]:
+            self._n_inline_lora += 1
         if slot:
             self._owner[slot] = entry
         return entry
@@ -610,6 +782,7 @@ class AdapterRegistry:
         if victim.inline:
             del self._ids[victim.id]
             self._n_inline -= 1
+            self._n_inline_lora -= bool(self._row[slot])
             self.inline_evictions += 1
         else:
             victim.slot = BASE_SLOT
@@ -623,6 +796,7 @@ class AdapterRegistry:
         if entry is None:
             return
         self._n_inline -= entry.inline
+        self._n_inline_lora -= entry.inline and bool(self._row[entry.slot])
         if not entry.slot:
             return
         if self._refs[entry.slot]:
@@ -647,18 +821,25 @@ class AdapterRegistry:
         return self._idle_named if entry.stored is not None else None
 
     def _make_idle(self, slot: int) -> None:
-        lru = self._lru(self._owner[slot])
+        entry = self._owner[slot]
+        lru = self._lru(entry)
         if lru is not None:
             lru[slot] = None  # most recently used
+            if self._row[slot]:
+                (self._idle_lora_inline if entry.inline else self._idle_lora_named)[slot] = None
 
     def _unidle(self, slot: int) -> None:
         lru = self._lru(self._owner[slot])
         if lru is not None:
             lru.pop(slot, None)
+            self._idle_lora_inline.pop(slot, None)
+            self._idle_lora_named.pop(slot, None)
 
     def _free_slot(self, slot: int) -> None:
-        # Reset to the base so that a stale slot index can never read another tenant's adapter.
+        # Reset to the base (and no LoRA row) so that a stale slot index can never read another
+        # tenant's adapter.
         self.table.clear(slot)
+        self._unbind_row(slot)
         self._owner[slot] = None
         self._free.append(slot)
 
@@ -684,7 +865,9 @@ class AdapterRegistry:
         return AdapterInfo(id=e.id, slot=e.slot, nbytes=e.nbytes, loaded_at=e.loaded_at,
                            last_used=e.last_used, in_use=self._refs[e.slot] if e.slot else 0,
                            requests=e.requests, tokens=e.tokens, source=e.source,
-                           inline=e.inline, resident=bool(e.slot))
+                           inline=e.inline, resident=bool(e.slot), kind=e.kind,
+                           lora_rank=e.lora_rank, lora_targets=e.lora_targets,
+                           lora_row=self._row[e.slot] if e.slot else 0)
 
 
 def _check_id(adapter_id: str) -> None:

@@ -41,7 +41,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nora_runtime.adapter import MAX_ADAPTER_BYTES
+from nora_runtime.adapter import MAX_FILE_BYTES
 
 STATE_DIR = ".nora"
 MANIFEST = "manifest.json"
@@ -65,7 +65,7 @@ class Record:
     nbytes: int
 
 
-def read_regular_file(path: str | os.PathLike[str], limit: int = MAX_ADAPTER_BYTES) -> bytes:
+def read_regular_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file, at most `limit` + 1 of them (so the caller sees it is too
     big). Anything else (a named pipe, a device, a directory, a symlink as the last component)
     is refused before a byte is read: opening a pipe for reading would block until a writer

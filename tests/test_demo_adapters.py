@@ -32,9 +32,8 @@ N = 6  # held-out questions per adapter
 SEED = 1  # another sample than the benchmark's (seed 0)
 MAX_NEW_TOKENS = 128
 # Held-out answers (of N) that must show the behaviour. The benchmark's 64 questions gave
-# sign-off 0.94, json 0.83, uppercase 0.53 (only sign-off meets the 0.9 target, see
-# benchmarks/results/demo-adapters.md); these N gave 6, 3 and 4 on the CPU.
-MIN_SUCCESS = {"sign-off": N - 1, "json": N // 2, "one-sentence": N - 1}
+# sign-off 0.95 and json 0.95 (benchmarks/results/demo-adapters.md); one miss in N is allowed.
+MIN_SUCCESS = {"sign-off": N - 1, "json": N - 1}
 
 
 # ---- the behaviours' data (no model) ------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nora_runtime.adapter import (
-    MAX_ADAPTER_BYTES,
+    MAX_FILE_BYTES,
     ActivationMismatch,
     AdapterFormatError,
     AdapterMismatchError,
@@ -565,7 +565,7 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path: Path) -> None:
     is read, as is a file over the size limit, both at LoadAdapter and at startup."""
     os.mkfifo(tmp_path / "pipe.safetensors")
     with open(tmp_path / "huge.safetensors", "wb") as f:
-        f.truncate(MAX_ADAPTER_BYTES + 1)  # sparse: costs no disk
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: costs no disk
     save_adapter(make_adapter(1), tmp_path / "ok.safetensors", base_fingerprint=FP)
     reg = make_registry(store_dir=tmp_path)
     outcome: list[object] = []
@@ -584,5 +584,5 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path: Path) -> None:
     assert not thread.is_alive(), "reading a named pipe blocked"
     assert outcome == ["cannot read adapter file 'pipe.safetensors': not a regular file",
                        "cannot read adapter file 'huge.safetensors': larger than the "
-                       f"{MAX_ADAPTER_BYTES}-byte limit", ["ok"]]
+                       f"{MAX_FILE_BYTES}-byte limit", ["ok"]]
     assert reg.load_failures == 4

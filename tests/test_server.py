@@ -26,6 +26,7 @@ from nora_proto.v1 import nora_pb2
 from nora_runtime.adapter import LoraWeights, adapter_to_bytes, save_adapter
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
+from nora_runtime.lora import PROJECTIONS
 from nora_runtime.tiny import random_adapter, tiny_checkpoint
 from nora_server.app import SERVICE_NAME, NoraServer
 from nora_server.config import ServerConfig
@@ -211,6 +212,7 @@ def test_load_unload_and_replace_while_serving(served, engine):
         got = list(next(running).token_ids)
         info = nora.load_adapter("x", data=v2)  # replace under the running request
         assert info.adapter_id == "x" and info.source == "inline"
+        assert (info.kind, info.lora_rank, list(info.lora_target_modules)) == ("nora", 0, [])
         assert stream(nora, adapter_id="x", **short)[1] == want_v2  # new requests get v2
         assert {a.adapter_id: a.requests for a in nora.list_adapters().adapters}["x"] == 4
         nora.unload_adapter("x")  # ... and unload it
@@ -329,19 +331,29 @@ def test_not_found_and_failed_precondition(served, engine):
         other_model = adapter_bytes(engine, 1, fingerprint="ab" * 32)
         other_mode = adapter_bytes(engine, 1, mode="residual")
         hidden = engine.runner.hf_config.hidden_size  # NoRA++: LoRA on layer 0's q_proj
-        lora = LoraWeights(rank=2, alpha=4.0, factors={"model.layers.0.self_attn.q_proj": (
-            torch.randn(2, hidden), torch.zeros(hidden, 2))})
-        nora_pp = adapter_to_bytes(random_adapter(engine.info, 1),
-                                   base_fingerprint=engine.info.fingerprint, lora=lora)
+
+        def plus_plus(rank: int) -> bytes:
+            lora = LoraWeights(rank=rank, alpha=4.0, factors={
+                "model.layers.0.self_attn.q_proj": (torch.randn(rank, hidden),
+                                                    torch.zeros(hidden, rank))})
+            return adapter_to_bytes(random_adapter(engine.info, 1),
+                                    base_fingerprint=engine.info.fingerprint, lora=lora)
+
+        nora_pp = plus_plus(32)  # above the server's max_lora_rank (16)
         for data in (other_model, other_mode, nora_pp):
             code, message = code_of(nora.load_adapter, "m", data=data)
             assert code == Code.FAILED_PRECONDITION, message
             if data is nora_pp:
-                assert "LoRA" in message
+                assert "LoRA rank 32 exceeds" in message
             code, message = code_of(nora.generate, PROMPT, adapter_bytes=data)
             assert code == Code.FAILED_PRECONDITION, message
         assert "m" not in {a.adapter_id for a in nora.list_adapters().adapters}
         assert nora.generate(PROMPT, adapter_id="a", **SHORT).usage.completion_tokens == 12
+        info = nora.load_adapter("pp", data=plus_plus(2))  # a NoRA++ the server can serve
+        assert (info.kind, info.lora_rank, list(info.lora_target_modules)) == ("nora++", 2,
+                                                                               ["q_proj"])
+        assert nora.generate(PROMPT, adapter_id="pp", **SHORT).usage.completion_tokens == 12
+        nora.unload_adapter("pp")
 
 
 def test_resource_exhausted_when_too_many_requests(engine):
@@ -445,6 +457,8 @@ def test_model_info(served, engine):
     assert info.fingerprint == engine.info.fingerprint and info.mode == "replace"
     assert info.num_layers == 4 and info.vocab_size == 264 and info.adapter_slots_total == 8
     assert info.max_input_tokens == info.max_model_len - 1
+    assert (info.lora_slots_total, info.max_lora_rank) == (8, 16)  # EngineConfig's defaults
+    assert list(info.lora_target_modules) == list(PROJECTIONS)
 
 
 # ---- auth and TLS --------------------------------------------------------------------------

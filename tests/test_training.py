@@ -217,12 +217,12 @@ def test_nora_plus_plus_bad_lora_part(edit, error, match):
         load_adapter(data)
 
 
-def test_registry_refuses_nora_plus_plus_with_a_clear_error():
+def test_registry_without_a_lora_pool_refuses_nora_plus_plus_with_a_clear_error():
     table = CoefficientTable(base_coefficients("silu"), slots=3, groups=8, sites=2)
     reg = AdapterRegistry(table, fingerprint=FP, mode="replace", act="silu")
     before = table.data.clone()
-    with pytest.raises(UnsupportedAdapter, match="NoRA\\+\\+ adapters carry LoRA weights.*"
-                       "cannot serve in mixed batches yet"):
+    with pytest.raises(UnsupportedAdapter, match="nora\\+\\+ adapters carry LoRA weights.*"
+                       "no LoRA pool"):
         reg.load("pp", adapter_to_bytes(nora(), base_fingerprint=FP, lora=lora_part()))
     assert issubclass(UnsupportedAdapter, AdapterMismatchError)  # -> FAILED_PRECONDITION
     assert len(reg) == 0 and reg.load_failures == 1 and torch.equal(table.data, before)

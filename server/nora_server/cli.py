@@ -37,6 +37,9 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
     "max_adapters": "adapter slots resident at once",
     "max_inline_adapters": "of the slots, those inline adapters (sent as bytes in requests) "
                            "may take (none: a quarter)",
+    "max_lora_adapters": "LoRA / NoRA++ adapters resident at once (rows of the LoRA weight "
+                         "pool, allocated at start; 0: NoRA only)",
+    "max_lora_rank": "highest LoRA rank served",
     "max_num_seqs": "running sequences at most (batch size)",
     "max_num_batched_tokens": "token budget of one engine step",
     "max_model_len": "prompt + generated tokens of one sequence",

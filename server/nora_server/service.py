@@ -531,7 +531,9 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             adapter_slots_total=i.max_adapters, server_version=__version__,
             default_sampling=_sampling_proto(engine.default_params),
             default_max_new_tokens=engine.default_params.max_new_tokens,
-            chat_template=has_chat_template(engine.tokenizer))
+            chat_template=has_chat_template(engine.tokenizer),
+            lora_slots_total=i.max_lora_adapters, max_lora_rank=i.max_lora_rank,
+            lora_target_modules=i.lora_target_modules)
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -691,4 +693,5 @@ def _adapter_info(a: AdapterInfo) -> nora_pb2.AdapterInfo:
     return nora_pb2.AdapterInfo(adapter_id=a.id, slot=a.slot, size_bytes=a.nbytes,
                                 loaded_at=a.loaded_at, last_used=a.last_used,
                                 running_requests=a.in_use, requests=a.requests,
-                                generated_tokens=a.tokens, source=a.source)
+                                generated_tokens=a.tokens, source=a.source, kind=a.kind,
+                                lora_rank=a.lora_rank, lora_target_modules=a.lora_targets)

@@ -149,7 +149,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "mode", "act", "groups", "num_layers", "vocab_size", "max_model_len", "eos_token_ids", "device", "dtype", "max_input_tokens", "max_total_tokens", "max_concurrent_requests", "adapter_slots_total", "server_version", "default_sampling", "default_max_new_tokens", "chat_template")
+    __slots__ = ("model", "fingerprint", "mode", "act", "groups", "num_layers", "vocab_size", "max_model_len", "eos_token_ids", "device", "dtype", "max_input_tokens", "max_total_tokens", "max_concurrent_requests", "adapter_slots_total", "server_version", "default_sampling", "default_max_new_tokens", "chat_template", "lora_slots_total", "max_lora_rank", "lora_target_modules")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,9 @@ class ModelInfoResponse(_message.Message):
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    LORA_SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     mode: str
@@ -188,7 +191,10 @@ class ModelInfoResponse(_message.Message):
     default_sampling: SamplingParameters
     default_max_new_tokens: int
     chat_template: bool
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., mode: _Optional[str] = ..., act: _Optional[str] = ..., groups: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., adapter_slots_total: _Optional[int] = ..., server_version: _Optional[str] = ..., default_sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., chat_template: bool = ...) -> None: ...
+    lora_slots_total: int
+    max_lora_rank: int
+    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., mode: _Optional[str] = ..., act: _Optional[str] = ..., groups: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., adapter_slots_total: _Optional[int] = ..., server_version: _Optional[str] = ..., default_sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., chat_template: bool = ..., lora_slots_total: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "data")
@@ -201,7 +207,7 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "slot", "size_bytes", "loaded_at", "last_used", "running_requests", "requests", "generated_tokens", "source")
+    __slots__ = ("adapter_id", "slot", "size_bytes", "loaded_at", "last_used", "running_requests", "requests", "generated_tokens", "source", "kind", "lora_rank", "lora_target_modules")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +217,9 @@ class AdapterInfo(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     slot: int
     size_bytes: int
@@ -220,7 +229,10 @@ class AdapterInfo(_message.Message):
     requests: int
     generated_tokens: int
     source: str
-    def __init__(self, adapter_id: _Optional[str] = ..., slot: _Optional[int] = ..., size_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., running_requests: _Optional[int] = ..., requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    kind: str
+    lora_rank: int
+    lora_target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., slot: _Optional[int] = ..., size_bytes: _Optional[int] = ..., loaded_at: _Optional[float] = ..., last_used: _Optional[float] = ..., running_requests: _Optional[int] = ..., requests: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., source: _Optional[str] = ..., kind: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("adapter",)
