@@ -391,12 +391,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixed-output", default="16,512", help="mixed: output lengths, lo,hi")
     p.add_argument("--concurrency", type=int, default=256, help="closed loop: in flight")
     p.add_argument("--repeats", type=int, default=3, help="closed-loop runs (median)")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded runs first")
     p.add_argument("--channels", type=int, default=4, help="gRPC channels of the client")
     p.add_argument("--max-adapters", type=int, default=None,
                    help="server adapter slots (default: the adapters made, at least 1024)")
     p.add_argument("--adapter-load", default="store", choices=("store", "rpc"))
     p.add_argument("--store", default=None,
-                   help="adapter store dir (kept; reused when it holds the same adapters)")
+                   help="adapter store dir (kept; reused when it holds the same adapters); "
+                        "'none': no store, adapters memory-only and pinned (needs --adapter-load "
+                        "rpc and slots >= adapters)")
     p.add_argument("--server-args", default="", help="more nora-serve flags (one string)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results name under benchmarks/results/")
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="nora-bench-serve-"))
-    dummy = a.load_format == "dummy" or a.model == "8b-dummy"
+    dummy = a.dummy = a.load_format == "dummy" or a.model == "8b-dummy"
     if a.model == "8b-dummy":
         model = str(dummy_checkpoint(tmp / "ckpt"))
     elif a.model is None:
@@ -430,15 +433,19 @@ def main(argv: list[str] | None = None) -> int:
         model = a.model
     sets = a.adapters.split(",")
     n_adapters = max(adapter_count(s) for s in sets)
-    store = Path(a.store) if a.store else tmp / "store"
+    no_store = a.store == "none"
+    if no_store and a.adapter_load != "rpc":
+        raise SystemExit("--store none needs --adapter-load rpc")
+    store = Path(a.store) if a.store and not no_store else tmp / "store"
     store.mkdir(parents=True, exist_ok=True)
     slots = a.max_adapters or max(1024, n_adapters)
     extra = shlex.split(a.server_args)
     if a.device == "cpu" and "--kv-cache-tokens-cpu" not in extra:
         extra += ["--kv-cache-tokens-cpu", "65536"]
-    args = ["--model", model, "--device", a.device, "--adapter-dir", str(store),
-            "--max-adapters", str(slots), "--max-concurrent-requests",
-            str(max(4096, a.num_requests)), "--grace-seconds", "5", *extra]
+    args = ["--model", model, "--device", a.device,
+            *([] if no_store else ["--adapter-dir", str(store)]), "--max-adapters", str(slots),
+            "--max-concurrent-requests", str(max(4096, a.num_requests)), "--grace-seconds", "5",
+            *extra]
     server = Server(args, dummy)
     detail: dict = {"server_args": args, "adapters_made": n_adapters, "adapter_slots": slots}
     runs: list[dict] = []
@@ -471,6 +478,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"LoadAdapter x {n_adapters}: {detail['adapter_rpc_load_s']:.1f} s, p50 "
                 f"{detail['adapter_rpc_load_ms_p50']:.2f} ms")
         vocab = min(info.vocab_size, 256)  # byte tokens: every prompt id is real text
+        for w in range(a.warmup):  # first-use compiles (Triton, prefill shapes), allocations
+            t = time.perf_counter()
+            reqs = make_requests(a.workloads.split(",")[0], a.num_requests, a.prompt_len,
+                                 a.new_tokens, vocab, "none", a.seed + 100 + w,
+                                 a.mixed_prompt, a.mixed_output)
+            results, wall = asyncio.run(run_load(server.target, reqs, "closed", a.concurrency,
+                                                 a.seed, a.channels))
+            detail.setdefault("warmup_s", []).append(round(time.perf_counter() - t, 2))
+            detail.setdefault("warmup_failed", []).append(sum(not r.ok for r in results))
         for workload, rate, adapters in itertools.product(
                 a.workloads.split(","), a.rates.split(","), sets):
             reqs = make_requests(workload, a.num_requests, a.prompt_len, a.new_tokens, vocab,
@@ -488,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{s['requests_failed']}")
     finally:
         server.stop()
-        if a.store is None:
+        if a.store is None or no_store:
             shutil.rmtree(tmp, ignore_errors=True)
         elif a.model == "8b-dummy":
             shutil.rmtree(tmp / "ckpt", ignore_errors=True)
@@ -531,7 +547,7 @@ def report(a, argv, runs: list[dict], detail: dict, info, t_all: float) -> dict:
                     *(argv if argv is not None else sys.argv[1:])])
     doc = {"device": device, "date": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "versions": v, "command": cmd,
-        "model": f"{info.model} ({'dummy weights' if a.model == '8b-dummy' else 'checkpoint'})"
+        "model": f"{info.model} ({'dummy weights' if a.dummy else 'checkpoint'})"
         if a.model else "tiny test model (nora_runtime.tiny)",
         "workload": {"num_requests": a.num_requests, "prompt_len": a.prompt_len,
                      "new_tokens": a.new_tokens, "concurrency": a.concurrency,

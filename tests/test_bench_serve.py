@@ -16,7 +16,7 @@ def test_bench_serve_smoke(tmp_path):
     out = tmp_path / "serve-smoke"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"),
                            "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.with_suffix(".json").read_text())
     rows = {r["name"]: r["value"] for r in doc["rows"]}
@@ -34,4 +34,5 @@ def test_bench_serve_smoke(tmp_path):
     assert len(closed) >= 3  # the row is the median of >= 3 closed-loop runs
     assert all(r["requests_failed"] == 0 and r["requests_ok"] == 8 for r in runs)
     assert doc["detail"]["adapters_made"] == 100
+    assert doc["detail"]["warmup_failed"] == [0]
     assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")
