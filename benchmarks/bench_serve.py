@@ -449,9 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(args, dummy)
     detail: dict = {"server_args": args, "adapters_made": n_adapters, "adapter_slots": slots}
     runs: list[dict] = []
+    # one event loop for the whole benchmark: grpc.aio under a fresh asyncio.run per run left
+    # the client process busy (~100% of a core on the 2-core CPU box), starving the server
+    loop = asyncio.new_event_loop()
+    run = loop.run_until_complete
     try:
         detail["server_start_s"] = server.start()
-        info = asyncio.run(model_info(server.target))
+        info = run(model_info(server.target))
         log(f"serving {info.model} on {info.device} ({info.dtype}); {server.target}")
         marker = store / ".bench-serve.json"
         want = {"fingerprint": info.fingerprint, "count": n_adapters, "seed": a.seed}
@@ -470,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{detail['server_start_with_adapters_s']:.1f} s")
         elif n_adapters:
             t = time.perf_counter()
-            times = asyncio.run(load_rpc(server.target, adapter_blobs(info, n_adapters, a.seed),
+            times = run(load_rpc(server.target, adapter_blobs(info, n_adapters, a.seed),
                                          n_adapters))
             detail["adapter_rpc_load_s"] = time.perf_counter() - t
             detail["adapter_rpc_load_ms_p50"] = pct(times, 50)
@@ -483,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             reqs = make_requests(a.workloads.split(",")[0], a.num_requests, a.prompt_len,
                                  a.new_tokens, vocab, "none", a.seed + 100 + w,
                                  a.mixed_prompt, a.mixed_output)
-            results, wall = asyncio.run(run_load(server.target, reqs, "closed", a.concurrency,
+            results, wall = run(run_load(server.target, reqs, "closed", a.concurrency,
                                                  a.seed, a.channels))
             detail.setdefault("warmup_s", []).append(round(time.perf_counter() - t, 2))
             detail.setdefault("warmup_failed", []).append(sum(not r.ok for r in results))
@@ -493,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                                  adapters, a.seed, a.mixed_prompt, a.mixed_output)
             reps = a.repeats if rate == "closed" else 1
             for rep in range(reps):
-                results, wall = asyncio.run(run_load(server.target, reqs, rate, a.concurrency,
+                results, wall = run(run_load(server.target, reqs, rate, a.concurrency,
                                                      a.seed, a.channels))
                 s = {"workload": workload, "rate": rate, "adapters": adapters, "repeat": rep,
                      **summarize(results, wall)}
@@ -504,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{s['requests_failed']}")
     finally:
         server.stop()
+        loop.close()
         if a.store is None or no_store:
             shutil.rmtree(tmp, ignore_errors=True)
         elif a.model == "8b-dummy":
