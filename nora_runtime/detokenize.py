@@ -12,6 +12,11 @@ Per sequence, the engine does
 
 from __future__ import annotations
 
+try:
+    from tokenizers.decoders import DecodeStream  # tokenizers >= 0.21
+except ImportError:  # pragma: no cover - older tokenizers: the Python window only
+    DecodeStream = None
+
 REPLACEMENT = "\ufffd"  # what decoders put where bytes do not (yet) form a character
 
 
@@ -34,9 +39,18 @@ class IncrementalDetokenizer:
     tokenizers' decoders (ByteLevel, ByteFallback, Metaspace, WordPiece). Python-level
     `clean_up_tokenization_spaces` is not: it deletes spaces before punctuation that may
     already have been sent, so it is off here, as in vLLM (it also mangles code).
+
+    With a fast tokenizer (`stream`, the default) the same window runs in Rust: `tokenizers`'
+    DecodeStream, with no Python decode() per token. It holds back a whole token's text while
+    that text ends mid-character (the Python window sends the complete characters before it at
+    once), so text may come one token later; the concatenated text is the same. An id the
+    backend does not know (a model whose vocabulary is larger than its tokenizer's), an error
+    of DecodeStream, and `flush()` hand over to the Python window, primed with every id so far
+    and the text already sent, so that the rest is what decode() of the whole output adds.
     """
 
-    def __init__(self, tokenizer, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True,
+                 stream: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._window: list[int] = []  # output ids from the window start on
@@ -44,6 +58,19 @@ class IncrementalDetokenizer:
         self._prefix = ""
         self._sent = 0  # characters emitted past `_prefix` of tokens window[read:]
         self._text: list[str] = []
+        backend = getattr(tokenizer, "backend_tokenizer", None) if stream else None
+        self._backend = backend
+        self._stream = None  # the DecodeStream while it is in use
+        if backend is not None and DecodeStream is not None:
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            self._vocab = backend.get_vocab_size(with_added_tokens=True)
+            self._ids: list[int] = []  # every output id while streaming
+            self._emitted = 0  # characters sent while streaming
+
+    def _to_window(self) -> None:
+        """Continue with the Python window: decode(all ids so far)[sent:] is still to come."""
+        self._window, self._read, self._prefix = self._ids, 0, ""
+        self._sent, self._stream = self._emitted, None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -51,6 +78,19 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         """Add one output token; return the text it completes (often "", e.g. mid-character)."""
+        if self._stream is not None:
+            if 0 <= token_id < self._vocab:
+                try:
+                    piece = self._stream.step(self._backend, token_id)
+                except Exception:  # noqa: BLE001 - the Python window decodes what Rust would not
+                    piece = False
+                if piece is not False:
+                    self._ids.append(token_id)
+                    if piece:
+                        self._text.append(piece)
+                        self._emitted += len(piece)
+                    return piece or ""
+            self._to_window()
         self._window.append(token_id)
         new = self._decode(self._window)
         start = len(self._prefix) + self._sent
@@ -71,6 +111,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """The held-back text (a trailing U+FFFD run) once the sequence has ended."""
+        if self._stream is not None:
+            self._to_window()
         new = self._decode(self._window)
         delta = new[len(self._prefix) + self._sent:]
         self._sent += len(delta)

@@ -11,8 +11,10 @@ One background thread runs the loop; every other thread talks to it through `sub
            -> per request: detokenize, stop checks, TokenEvent to its callback, finish
 
 Callbacks run on the loop thread and must not block (`generate` and `generate_async` put the
-events on a queue). A request holds its adapter's table slot from `submit` to its last event,
-so replacing or unloading the adapter never changes a running request (registry.py).
+events on a queue; `generate_async` hands each asyncio loop a step's events in one
+call_soon_threadsafe, not one per token per request). A request holds its adapter's table
+slot from `submit` to its last event, so replacing or unloading the adapter never changes a
+running request (registry.py).
 
 Determinism: a request's tokens depend only on its prompt, adapter, parameters and seed, never
 on the other requests in its batches (sampling.py draws each row's noise from its own
@@ -184,6 +186,8 @@ class Engine:
         self._aborts: dict[str, str] = {}
         self._ids: set[str] = set()  # request ids submitted and not yet finished
         self._live: dict[str, _Request] = {}  # loop thread only
+        # generate_async's events of the current step, per asyncio loop (loop thread only)
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
         self._stopping = False
         self.error: str | None = None  # why the loop thread died, if it did
         self._thread: threading.Thread | None = None
@@ -299,10 +303,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
-        def put(event: TokenEvent) -> None:
-            # RuntimeError: the event loop is closed, so nobody is listening any more
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        def put(event: TokenEvent) -> None:  # on the engine's loop thread: sent by _flush_events
+            self._outbox.setdefault(loop, []).append((events, event))
 
         rid = self.submit(prompt, params, adapter=adapter, request_id=request_id,
                           deadline=deadline, tenant=tenant, on_event=put)
@@ -400,12 +402,15 @@ class Engine:
                 seq = req.seq
                 self._deliver(req, TokenEvent(req.request_id, (), "", None, "error", error,
                                               len(seq.prompt_ids), len(seq.output_ids)))
+        finally:
+            self._flush_events()
 
     def _run(self) -> None:
         if self.runner.device.type == "cuda":
             torch.cuda.set_device(self.runner.device)
         failures = 0  # consecutive failed steps
         while True:
+            self._flush_events()  # the last step's events, before this thread may wait
             with self._lock:
                 while not (self._incoming or self._aborts or self._live or self._stopping):
                     self._lock.wait()
@@ -529,6 +534,18 @@ class Engine:
         except Exception:  # one bad callback must not stop the loop for everyone
             log.exception("event callback of request %r failed", event.request_id)
 
+    def _flush_events(self) -> None:
+        """Hand generate_async's events to their asyncio loops: one call_soon_threadsafe per
+        loop per step (each wakes the loop through its self-pipe and takes the GIL from this
+        thread), not one per token per request."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            # RuntimeError: the event loop is closed, so nobody is listening any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, items)
+
     # ---- validation ---------------------------------------------------------------------------
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -556,6 +573,12 @@ class Engine:
             return None, BASE_SLOT
         hold = self.hold_adapter(adapter)
         return hold.id, hold.take()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    """On an asyncio loop: one engine step's events for that loop's requests, in order."""
+    for events, event in items:
+        events.put_nowait(event)
 
 
 def _release_hold(future: asyncio.Future[AdapterHold]) -> None:

@@ -1,6 +1,7 @@
 """Incremental detokenization against tokenizer.decode of the whole output, with a real BERT
 WordPiece tokenizer, a byte-level BPE trained here (what Llama-3 and Qwen2 use) and the demo's
-one-byte-per-token tokenizer; and stop strings cut the same however the text is split."""
+one-byte-per-token tokenizer, both through tokenizers' DecodeStream (use_stream) and the Python
+window; and stop strings cut the same however the text is split."""
 
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ def tokenizers():
     }
 
 
-def stream(tok, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
-    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens)
+def stream(tok, ids: list[int], skip_special_tokens: bool = True,
+           use_stream: bool = True) -> list[str]:
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens,
+                                   stream=use_stream)
+    assert (detok._stream is not None) == use_stream  # every tokenizer here is a fast one
     deltas = [detok.step(t) for t in ids] + [detok.flush()]
     assert detok.text == "".join(deltas)
     return deltas
@@ -62,21 +66,24 @@ def decode(tok, ids: list[int], skip_special_tokens: bool = True) -> str:
     return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def test_character_waits_until_its_last_byte(tokenizers):
+@pytest.mark.parametrize("use_stream", [True, False])
+def test_character_waits_until_its_last_byte(tokenizers, use_stream):
     tok = tokenizers["bytes"]
     ids = tok("a😀b中", add_special_tokens=False)["input_ids"]
     assert len(ids) == 9  # one token per byte: 1 + 4 + 1 + 3
-    assert stream(tok, ids) == ["a", "", "", "", "😀", "b", "", "", "中", ""]
+    assert stream(tok, ids, use_stream=use_stream) == ["a", "", "", "", "😀", "b", "", "", "中",
+                                                       ""]
 
 
 def test_complete_text_goes_out_at_once(tokenizers):
-    """After each token every complete character has been emitted, also those of a token that
-    ends with a character's first bytes; only the incomplete character waits."""
+    """Python window: after each token every complete character has been emitted, also those
+    of a token that ends with a character's first bytes; only the incomplete character waits.
+    (DecodeStream holds such a token's whole text back one token: same text, later.)"""
     tok = tokenizers["bpe"]
     mixed = 0
     for text in CORPUS[:8] + TEXTS:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        detok = IncrementalDetokenizer(tok)
+        detok = IncrementalDetokenizer(tok, stream=False)
         for n, t in enumerate(ids, 1):
             delta = detok.step(t)
             full = tok.decode(ids[:n])
@@ -85,21 +92,23 @@ def test_complete_text_goes_out_at_once(tokenizers):
     assert mixed  # the trained merges do put characters and parts of one in a token
 
 
+@pytest.mark.parametrize("use_stream", [True, False])
 @pytest.mark.parametrize("name", ["bert", "bpe", "bytes"])
-def test_real_text_streams_whole_characters(tokenizers, name):
+def test_real_text_streams_whole_characters(tokenizers, name, use_stream):
     tok = tokenizers[name]
     for text in TEXTS:
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        deltas = stream(tok, ids)
+        deltas = stream(tok, ids, use_stream=use_stream)
         assert "".join(deltas) == decode(tok, ids)
         assert not any("\ufffd" in d for d in deltas)  # never a half character
         if name != "bert":  # lossless tokenizers give the text back
             assert "".join(deltas) == text
 
 
+@pytest.mark.parametrize("use_stream", [True, False])
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("name", ["bert", "bpe", "bytes"])
-def test_random_sequences_match_decode(tokenizers, name, skip_special_tokens):
+def test_random_sequences_match_decode(tokenizers, name, skip_special_tokens, use_stream):
     """Random ids (half of them multi-byte pieces for the byte-level tokenizers, specials too):
     the stream must equal decode() of the whole output, invalid UTF-8 included."""
     tok = tokenizers[name]
@@ -110,24 +119,43 @@ def test_random_sequences_match_decode(tokenizers, name, skip_special_tokens):
     for _ in range(300):
         pool = rng.choice([range(vocab), non_ascii, special + non_ascii])
         ids = [rng.choice(pool) for _ in range(rng.randint(0, 40))]
-        deltas = stream(tok, ids, skip_special_tokens)
+        deltas = stream(tok, ids, skip_special_tokens, use_stream)
         assert "".join(deltas) == decode(tok, ids, skip_special_tokens), ids
 
 
-def test_word_pieces_and_specials(tokenizers):
+@pytest.mark.parametrize("use_stream", [True, False])
+def test_word_pieces_and_specials(tokenizers, use_stream):
     tok = tokenizers["bert"]
     ids = tok.convert_tokens_to_ids(["##ing", "hello", "##s", "[SEP]", "##x", "world", "."])
-    assert "".join(stream(tok, ids)) == decode(tok, ids) == "##ing hellosx world."
-    kept = "".join(stream(tok, ids, skip_special_tokens=False))
+    assert "".join(stream(tok, ids, use_stream=use_stream)) == decode(tok, ids) \
+        == "##ing hellosx world."
+    kept = "".join(stream(tok, ids, skip_special_tokens=False, use_stream=use_stream))
     assert kept == decode(tok, ids, skip_special_tokens=False)
     assert "[SEP]" in kept
 
 
+@pytest.mark.parametrize("name", ["bpe", "bytes"])
+def test_unknown_ids_and_spaces_hand_over_to_the_window(tokenizers, name):
+    """Ids past the tokenizer's vocabulary (a model with a larger embedding than its tokenizer,
+    as benchmarks' 8B shape with the byte tokenizer) switch DecodeStream to the Python window
+    mid-stream; the text is still decode()'s, multi-byte characters split around the switch and
+    runs of spaces included."""
+    tok = tokenizers[name]
+    rng = random.Random(name)
+    for text in TEXTS + ["  a  b   ", "中😀 x"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for _ in range(10):
+            cut = rng.randint(0, len(ids))
+            mixed = ids[:cut] + [len(tok) + 1000] + ids[cut:]
+            deltas = stream(tok, mixed, use_stream=True)
+            assert "".join(deltas) == decode(tok, mixed), (text, cut)
+
+
 def test_window_stays_short(tokenizers):
-    """Each step decodes only a few tokens, however long the output."""
+    """Python window: each step decodes only a few tokens, however long the output."""
     tok = tokenizers["bpe"]
     ids = tok(" ".join(TEXTS) * 20, add_special_tokens=False)["input_ids"]
-    detok = IncrementalDetokenizer(tok)
+    detok = IncrementalDetokenizer(tok, stream=False)
     longest = 0
     for t in ids:
         detok.step(t)

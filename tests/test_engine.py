@@ -408,6 +408,39 @@ def test_generate_async_streams_concurrently_and_cancel_aborts(served):
     assert [t for e in a for t in e.token_ids] == solo[0].tokens
     assert [t for e in b for t in e.token_ids] == solo[1].tokens
     wait_idle(served)
+
+
+def test_generate_async_hands_events_over_once_per_step(served):
+    """Eight streams on one asyncio loop: the engine wakes the loop once per step (one
+    call_soon_threadsafe with the step's events), not once per token per request, and each
+    stream still gets its own tokens in order."""
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    prompts = [f"p{i} hello" for i in range(8)]
+    solo = [alone(served, p, params).tokens for p in prompts]
+    wait_idle(served)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kw):
+            calls.append(callback)
+            return real(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counting
+
+        async def collect(prompt):
+            return [t async for e in served.generate_async(prompt, params)
+                    for t in e.token_ids]
+
+        steps = served.stats().steps
+        outs = await asyncio.gather(*(collect(p) for p in prompts))
+        return outs, len(calls), served.stats().steps - steps
+
+    outs, wakeups, steps = asyncio.run(main())
+    assert outs == solo
+    assert wakeups <= steps + 1 < 8 * 12
     assert served.scheduler.allocator.num_free == served.scheduler.allocator.num_blocks
 
 
