@@ -99,7 +99,7 @@ class Server:
         entry = ([sys.executable, str(Path(__file__).resolve()), "serve-dummy"] if self.dummy
                  else [sys.executable, "-m", "nora_server.cli"])
         cmd = [*entry, *self.args, "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-port", "off"]
+               "--metrics-port", "off", "--http-port", "off"]
         env = {**os.environ, "NORA_LOG_LEVEL": os.environ.get("NORA_LOG_LEVEL", "WARNING")}
         t = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
