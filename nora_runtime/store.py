@@ -4,7 +4,8 @@ The store directory (`--adapter-dir`) holds the operator's adapter files; nora k
 state beside them, in a hidden folder:
 
     <store>/*.safetensors                      the operator's files (picked up at startup)
-    <store>/.nora/manifest.json                the authority on which id serves what
+    <store>/.nora/manifest.json                which id serves what: a snapshot ...
+    <store>/.nora/journal.jsonl                ... and the changes since, one line each
     <store>/.nora/blobs/<sha256>.safetensors   adapter bytes, content-addressed (deduplicated)
     <store>/.nora/tmp-*                        writes in flight; deleted when the store opens
 
@@ -15,13 +16,23 @@ manifest.json:
                            "nbytes": <int>}, ...},
      "unloaded": ["<id>", ...]}
 
+journal.jsonl: one change a line, `{"id": "<id>", "record": {...} or null, "unloaded": bool}`:
+what the id serves from then on. A change costs one appended line and one fsync, whatever the
+number of stored adapters (rewriting the manifest every time made loading N adapters O(N^2):
+1,000 LoadAdapter calls took 20 s); the journal is folded into a new manifest when it holds
+more lines than the manifest has ids (and at open), which keeps the cost amortized O(1).
+
 An adapter's bytes are copied into a blob at load, so a replace keeps its new content even if
 the file it came from changes or goes away. `unloaded` lists ids unloaded explicitly, so that
 their `<id>.safetensors` file, if the operator left one, does not bring them back at startup.
 
-Crash safety: every file is written to a temp file, fsynced, renamed over its name, and its
-directory fsynced; a blob always before the manifest that names it. A SIGKILL or power cut at
-any moment therefore leaves the old manifest or the new one, each naming only complete blobs.
+Crash safety: the manifest and blobs are written to a temp file, fsynced, renamed over their
+name, and their directory fsynced; a blob always before the line or manifest that names it; a
+journal line is appended and fsynced before the change is acknowledged. A SIGKILL or power cut
+at any moment therefore leaves the old state or the new one, naming only complete blobs: a line
+cut short by a crash (no newline yet) was never acknowledged and is ignored. Folding writes
+the new manifest before it empties the journal; replaying lines a manifest already holds
+changes nothing (each line sets its id's whole state), so a crash in between is harmless.
 Blobs that no id references are deleted after the manifest that stopped naming them is on disk
 (`collect`); one orphaned by a crash in between, and any temp file, is deleted at the next open.
 
@@ -34,6 +45,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -43,8 +55,11 @@ from pathlib import Path
 
 from nora_runtime.adapter import MAX_FILE_BYTES
 
+log = logging.getLogger(__name__)
+
 STATE_DIR = ".nora"
 MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
 BLOBS = "blobs"
 BLOB_SUFFIX = ".safetensors"
 _TMP_PREFIX = "tmp-"
@@ -89,8 +104,10 @@ class AdapterStore:
         self.state_dir = self.root / STATE_DIR
         self.blob_dir = self.state_dir / BLOBS
         self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self._records, self._unloaded = self._read_manifest()
+        self._records, self._unloaded, self._journal_lines = read_state(self.root)
         self._sweep()
+        if self._journal_lines or not (self.state_dir / MANIFEST).exists():
+            self._fold()  # start from a snapshot (this drops a torn last line too)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -129,16 +146,17 @@ class AdapterStore:
     def set(self, adapter_id: str, record: Record | None, *, unloaded: bool = False) -> None:
         """Make `adapter_id` serve `record` (None: nothing; `unloaded` marks it unloaded
         explicitly) in one durable manifest write. The blob it replaces stays until `collect`."""
-        records, gone = dict(self._records), set(self._unloaded)
-        gone.discard(adapter_id)
-        if record is not None:
-            records[adapter_id] = record  # a replace keeps the id's place in the order
-        else:
-            records.pop(adapter_id, None)
-            if unloaded:
-                gone.add(adapter_id)
-        self._write_manifest(records, gone)
-        self._records, self._unloaded = records, gone
+        line = {"id": adapter_id, "record": None if record is None else asdict(record),
+                "unloaded": unloaded}
+        self._append(json.dumps(line).encode() + b"\n")
+        _apply(self._records, self._unloaded, adapter_id, record, unloaded)
+        self._journal_lines += 1
+        if self._journal_lines > max(_MIN_FOLD, len(self._records)):
+            try:
+                self._fold()
+            except OSError as e:  # the change is durable in the journal already
+                log.warning("folding the adapter journal into the manifest failed (%s); "
+                            "the journal keeps growing until a fold succeeds", e)
 
     def state(self, adapter_id: str) -> tuple[Record | None, bool]:
         """(record, unloaded) of one id, as `set` takes them: to undo a change."""
@@ -157,30 +175,28 @@ class AdapterStore:
     def _blob(self, sha: str) -> Path:
         return self.blob_dir / f"{sha}{BLOB_SUFFIX}"
 
-    def _read_manifest(self) -> tuple[dict[str, Record], set[str]]:
-        path = self.state_dir / MANIFEST
+    def _append(self, line: bytes) -> None:
+        """One journal line, on disk (fsynced) when this returns."""
+        path = self.state_dir / JOURNAL
+        new = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            raw = json.loads(read_regular_file(path))
-        except FileNotFoundError:
-            return {}, set()
-        except (OSError, ValueError) as e:
-            raise StoreError(f"adapter manifest {path} is unreadable: {e}") from e
-        try:
-            if raw["version"] != _VERSION:
-                raise ValueError(f"version {raw['version']!r}, expected {_VERSION}")
-            records = {str(k): Record(str(v["sha256"]), str(v["source"]), int(v["nbytes"]))
-                       for k, v in raw["adapters"].items()}
-            unloaded = {str(k) for k in raw["unloaded"]}
-            if not all(_SHA256.fullmatch(r.sha256) for r in records.values()):
-                raise ValueError("a sha256 is not 64 hex digits")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StoreError(f"adapter manifest {path} is malformed: {e}") from e
-        return records, unloaded
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:  # the file's own directory entry must survive a power cut too
+            _fsync_dir(self.state_dir)
 
-    def _write_manifest(self, records: dict[str, Record], unloaded: set[str]) -> None:
-        doc = {"version": _VERSION, "adapters": {k: asdict(r) for k, r in records.items()},
-               "unloaded": sorted(unloaded)}
+    def _fold(self) -> None:
+        """The state as a new manifest, then an empty journal (in this order: see the module
+        docstring)."""
+        doc = {"version": _VERSION,
+               "adapters": {k: asdict(r) for k, r in self._records.items()},
+               "unloaded": sorted(self._unloaded)}
         self._write_atomic(self.state_dir / MANIFEST, json.dumps(doc, indent=1).encode())
+        self._write_atomic(self.state_dir / JOURNAL, b"")
+        self._journal_lines = 0
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         """path's content becomes `data` all at once, durably: temp file, fsync, rename, fsync
@@ -209,6 +225,65 @@ class AdapterStore:
                 p.unlink(missing_ok=True)
         self._unloaded = {i for i in self._unloaded
                           if (self.root / f"{i}{BLOB_SUFFIX}").exists()}
+
+
+_MIN_FOLD = 64  # journal lines kept at least before folding (a small store folds rarely too)
+
+
+def read_state(root: str | os.PathLike[str]) -> tuple[dict[str, Record], set[str], int]:
+    """(records, unloaded ids, journal lines) of a store directory: its manifest with its
+    journal replayed, read only (AdapterStore folds them at open). StoreError if either is
+    unreadable or malformed."""
+    state = Path(root) / STATE_DIR
+    path = state / MANIFEST
+    try:
+        raw = json.loads(read_regular_file(path))
+    except FileNotFoundError:
+        raw = {"version": _VERSION, "adapters": {}, "unloaded": []}
+    except (OSError, ValueError) as e:
+        raise StoreError(f"adapter manifest {path} is unreadable: {e}") from e
+    try:
+        if raw["version"] != _VERSION:
+            raise ValueError(f"version {raw['version']!r}, expected {_VERSION}")
+        records = {str(k): _record(v) for k, v in raw["adapters"].items()}
+        unloaded = {str(k) for k in raw["unloaded"]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StoreError(f"adapter manifest {path} is malformed: {e}") from e
+    path = state / JOURNAL
+    try:
+        lines = read_regular_file(path).split(b"\n")
+    except FileNotFoundError:
+        return records, unloaded, 0
+    except OSError as e:
+        raise StoreError(f"adapter journal {path} is unreadable: {e}") from e
+    lines.pop()  # after the last newline: empty, or a line a crash cut short (never acked)
+    for n, line in enumerate(lines, 1):
+        try:
+            change = json.loads(line)
+            record = None if change["record"] is None else _record(change["record"])
+            _apply(records, unloaded, str(change["id"]), record, bool(change["unloaded"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"adapter journal {path} line {n} is malformed: {e}") from e
+    return records, unloaded, len(lines)
+
+
+def _record(raw: dict) -> Record:
+    record = Record(str(raw["sha256"]), str(raw["source"]), int(raw["nbytes"]))
+    if not _SHA256.fullmatch(record.sha256):
+        raise ValueError("a sha256 is not 64 hex digits")
+    return record
+
+
+def _apply(records: dict[str, Record], unloaded: set[str], adapter_id: str,
+           record: Record | None, explicitly_unloaded: bool) -> None:
+    """One change: `adapter_id` serves `record` (None: nothing) from now on."""
+    unloaded.discard(adapter_id)
+    if record is not None:
+        records[adapter_id] = record  # a replace keeps the id's place in the order
+    else:
+        records.pop(adapter_id, None)
+        if explicitly_unloaded:
+            unloaded.add(adapter_id)
 
 
 def _fsync_dir(path: Path) -> None:

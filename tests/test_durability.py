@@ -133,7 +133,7 @@ def served_variant(reg, adapter_id: str, rows: list[torch.Tensor]) -> int | None
 def check_state_dir(store: Path, reg) -> None:
     """No temp file left, and exactly the blobs the manifest references."""
     state = store / ".nora"
-    assert sorted(p.name for p in state.iterdir()) == ["blobs", "manifest.json"]
+    assert sorted(p.name for p in state.iterdir()) == ["blobs", "journal.jsonl", "manifest.json"]
     used = {r.sha256 for r in reg.store.records().values()}
     assert {p.name.removesuffix(".safetensors") for p in (state / "blobs").iterdir()} == used
 
