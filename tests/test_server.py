@@ -588,7 +588,7 @@ def test_metrics_match_the_traffic(engine):
                    for name, labels in m)
     # engine state
     assert get("nora_requests_running") == get("nora_requests_waiting") == 0
-    assert get("nora_adapter_slots_total") == listed.slots_total == 8
+    assert get("nora_adapter_slots_capacity") == listed.slots_total == 8
     assert get("nora_adapter_slots_used") == listed.slots_used
     assert get("nora_adapter_loads_total") >= 1 and get("nora_engine_steps_total") >= k
     assert 0 <= get("nora_kv_cache_usage_ratio") <= 1 and get("nora_batch_size") >= 1
@@ -609,6 +609,45 @@ def test_grafana_dashboard_queries_served_metrics(served):
         nora.model_info()  # labelled RPC counters have samples once an RPC ran
     served_names = {name for name, _ in served.metrics()}
     assert queried and queried <= served_names, queried - served_names
+
+
+def test_metrics_follow_promtool_naming_rules(engine):
+    """A scrape after mixed traffic (auth on, so /metrics takes a token) keeps the naming rules
+    `promtool check metrics` applies: counters' samples end in `_total`, nothing else does,
+    histograms have `_bucket`/`_sum`/`_count`, every family has help; and no `_created` series,
+    process metrics present, `nora_model_info` set."""
+    s = ServerThread(engine, auth_token="secret")
+    try:
+        with s.client(token="secret") as nora:
+            nora.load_adapter("a", path="a.safetensors")
+            nora.generate(PROMPT, adapter_id="a", **SHORT)
+            nora.generate(PROMPT, adapter_bytes=adapter_bytes(engine, 5), **SHORT)
+            stream(nora, **SHORT)
+            code_of(nora.generate, PROMPT, adapter_id="nope")
+            nora.model_info()
+        families = list(text_string_to_metric_families(s.scrape("secret")))
+    finally:
+        s.close()
+    names = {f.name for f in families}
+    assert "nora_adapter_slots_capacity" in names and "process_cpu_seconds" in names
+    assert {"process_resident_memory_bytes", "python_gc_objects_collected"} <= names
+    for f in families:
+        samples = {x.name for x in f.samples}
+        assert f.documentation.strip(), f.name
+        assert not any(n.endswith("_created") for n in samples), f.name
+        if f.type == "counter":
+            assert all(n.endswith("_total") for n in samples), (f.name, samples)
+        else:
+            assert not f.name.endswith("_total"), f.name
+            assert not any(n.endswith("_total") for n in samples), (f.name, samples)
+        if f.type in ("histogram", "summary"):
+            suffixes = {n[len(f.name):] for n in samples}
+            want = {"_sum", "_count"} | ({"_bucket"} if f.type == "histogram" else set())
+            assert want <= suffixes, (f.name, suffixes)
+    info = next(f for f in families if f.name == "nora_model_info")
+    [sample] = info.samples
+    assert sample.value == 1 and sample.labels["model"] == engine.info.name
+    assert sample.labels["mode"] == "replace" and sample.labels["version"]
 
 
 def test_trained_adapter_loaded_over_grpc_does_the_task_in_a_batch_with_the_base(

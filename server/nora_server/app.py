@@ -56,7 +56,8 @@ class NoraServer:
     def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
         self.config = config
         self.auth = Auth.from_config(config)  # ValueError for a malformed tokens file
-        self.metrics = Metrics(self._stats, adapter_labels=config.metrics_adapter_labels)
+        self.metrics = Metrics(self._stats, adapter_labels=config.metrics_adapter_labels,
+                               model=self._model)
         self.service = NoraService(config, self.metrics, auth=self.auth)
         self._pending_engine = engine
         self._server: grpc.aio.Server | None = None
@@ -69,6 +70,10 @@ class NoraServer:
     def _stats(self) -> EngineStats | None:
         engine = self.service.engine
         return None if engine is None else engine.stats()
+
+    def _model(self) -> tuple[str, str] | None:
+        engine = self.service.engine
+        return None if engine is None else (engine.info.name, engine.info.mode)
 
     def _count(self, code: str) -> Callable[[str], None]:
         return lambda method: self.metrics.rpcs.labels(method.rsplit("/", 1)[-1], code).inc()

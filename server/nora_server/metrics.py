@@ -4,7 +4,10 @@ process) and served over HTTP by `prometheus_client`.
 Names follow Prometheus conventions: the `nora_` prefix, base units (`_seconds`, ratios in
 [0, 1]), `_total` on counters. Engine state (running and waiting requests, KV cache usage,
 batch size, adapter slots and load/eviction/failure counters) is read from `Engine.stats()` at
-scrape time; request-path metrics are recorded by the servicer as requests run.
+scrape time; request-path metrics are recorded by the servicer as requests run. The registry
+also carries prometheus_client's process, GC and platform collectors (`process_*`,
+`python_gc_*`, `python_info`). No `_created` series: prometheus_client can only turn them off
+process-wide (`disable_created_metrics()`, no per-registry switch), so `Metrics()` does that.
 
 Per-adapter label cardinality is bounded (`AdapterLabels`): the first K adapter ids the server
 loads or serves (K = ServerConfig.metrics_adapter_labels, default 32) get their own `adapter`
@@ -22,7 +25,16 @@ from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -63,10 +75,19 @@ class EngineCollector(Collector):
     """Engine state, read once per scrape. `stats` returns an EngineStats or None (no model
     loaded yet: nothing to report)."""
 
-    def __init__(self, stats) -> None:
+    def __init__(self, stats, model=lambda: None) -> None:
         self.stats = stats
+        self.model = model  # () -> (model name, mode) or None
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from nora_server import __version__
+
+        model = self.model()
+        if model is not None:
+            info = GaugeMetricFamily("nora_model_info", "The served model (always 1)",
+                                     labels=["model", "mode", "version"])
+            info.add_metric([*model, __version__], 1)
+            yield info
         s = self.stats()
         if s is None:
             return
@@ -76,7 +97,7 @@ class EngineCollector(Collector):
             ("nora_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", s.kv_usage),
             ("nora_batch_size", "Sequences in the latest engine step", s.batch_size),
             ("nora_adapter_slots_used", "Adapter slots holding an adapter", s.slots_used),
-            ("nora_adapter_slots_total", "Adapter slots of the coefficient table",
+            ("nora_adapter_slots_capacity", "Adapter slots of the coefficient table",
              s.slots_total),
             ("nora_adapters_registered", "Adapter ids registered (resident in a slot or not)",
              s.adapters_registered),
@@ -102,8 +123,11 @@ class EngineCollector(Collector):
 class Metrics:
     """Every metric of one server."""
 
-    def __init__(self, stats, *, adapter_labels: int) -> None:
+    def __init__(self, stats, *, adapter_labels: int, model=lambda: None) -> None:
+        disable_created_metrics()  # process-wide (see the module docstring)
         self.registry = r = CollectorRegistry()
+        for collector in (ProcessCollector, GCCollector, PlatformCollector):
+            collector(registry=r)
         self.adapter_label = AdapterLabels(adapter_labels)
         self.rpcs = Counter("nora_rpc_requests", "RPCs finished, by method and gRPC status code",
                             ["method", "code"], registry=r)
@@ -140,7 +164,7 @@ class Metrics:
         for label in (BASE, INLINE, OTHER):
             self.adapter_requests.labels(label)
             self.adapter_tokens.labels(label)
-        r.register(EngineCollector(stats))
+        r.register(EngineCollector(stats, model))
         self._http = None
 
     def serve(self, port: int, host: str = "127.0.0.1", *,
