@@ -169,6 +169,14 @@ class NoraServer:
         self.service.accepting = False
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        # While generations are in flight the listeners stay open, so that a new call gets our
+        # own UNAVAILABLE ("shutting down": clients retry it elsewhere) rather than whatever a
+        # closing transport says (gRPC answered CANCELLED when a call raced its stop).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.service.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        grace = max(0.0, deadline - loop.time())
         stopping = []
         if self._server is not None:
             stopping.append(self._server.stop(grace))
