@@ -338,6 +338,30 @@ ROWS = [("decode_step_b1_ms", "ms"), ("decode_step_b32_ms", "ms"), ("decode_step
         ("adapter_load_ms_p50", "ms"), ("adapter_load_ms_p99", "ms")]
 
 
+def run_parts(parts: dict, names: list[str], cfg, res: dict, small: bool, doc: dict,
+              rows: list[tuple[str, str]], out: str) -> None:
+    """Run each named part `parts[name](ckpt, cfg, res, small)` on a checkpoint directory made
+    from `cfg` (byte tokenizer), in turn; a failing part leaves an `<name>_error` and the others
+    run on. After each part, `doc` (its rows: those of `rows` found in `res`) is written to
+    `out`, so a run cut short keeps what it measured."""
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = Path(d)
+        cfg.save_pretrained(ckpt)
+        byte_tokenizer().save_pretrained(ckpt)
+        for name in names:
+            t = time.perf_counter()
+            try:
+                parts[name](ckpt, cfg, res, small)
+            except Exception as e:  # keep the other parts' numbers
+                res[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
+                traceback.print_exc()
+            res[f"{name}_s"] = time.perf_counter() - t
+            free_memory()  # the part's model and caches went with its frame
+            doc["rows"] = [{"name": n, "value": res[n], "unit": u} for n, u in rows if n in res]
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(doc, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -350,26 +374,8 @@ def main() -> None:
            "date": datetime.date.today().isoformat(), "versions": versions(),
            "command": "PYTHONPATH=. python " + " ".join(sys.argv), "rows": [], "detail": res}
 
-    def save() -> None:
-        doc["rows"] = [{"name": n, "value": res[n], "unit": u} for n, u in ROWS if n in res]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = Path(d)
-        cfg.save_pretrained(ckpt)
-        byte_tokenizer().save_pretrained(ckpt)
-        parts = {"runner": bench_runner, "hf": bench_hf, "engine": bench_engine}
-        for name in args.parts.split(","):
-            t = time.perf_counter()
-            try:
-                parts[name](ckpt, cfg, res, args.small)
-            except Exception as e:  # keep the other parts' numbers
-                res[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
-                traceback.print_exc()
-            res[f"{name}_s"] = time.perf_counter() - t
-            free_memory()  # the part's model and caches went with its frame
-            save()
+    run_parts({"runner": bench_runner, "hf": bench_hf, "engine": bench_engine},
+              args.parts.split(","), cfg, res, args.small, doc, ROWS, args.out)
     print()
     print(f"{'row':32s} {'value':>10s}")
     for r in doc["rows"]:

@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -46,9 +43,9 @@ from bench_engine import (  # noqa: E402  (benchmarks/ is not a package)
     Seq,
     copy_tbps,
     device_ms,
-    free_memory,
     host_ms,
     model_config,
+    run_parts,
     versions,
 )
 
@@ -58,7 +55,6 @@ from nora_runtime.lora import ATTENTION, PROJECTIONS, pack_peft_files  # noqa: E
 from nora_runtime.lora_pool import projection_shapes  # noqa: E402
 from nora_runtime.model_runner import ModelRunner  # noqa: E402
 from nora_runtime.sampling import SamplingParams, sample  # noqa: E402
-from nora_runtime.tiny import byte_tokenizer  # noqa: E402
 
 RANK = 16
 BATCH = 128  # --smoke: SMOKE_B sequences at SMOKE_CTX
@@ -218,26 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                argv if argv is not None else sys.argv[1:]),
            "rows": [], "detail": res}
 
-    def save() -> None:
-        doc["rows"] = [{"name": n, "value": res[n], "unit": u} for n, u in ROWS if n in res]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = Path(d)
-        cfg.save_pretrained(ckpt)
-        byte_tokenizer().save_pretrained(ckpt)
-        parts = {"runner": bench_runner, "load": bench_load, "peft": bench_peft}
-        for name in args.parts.split(","):
-            t = time.perf_counter()
-            try:
-                parts[name](ckpt, cfg, res, args.smoke)
-            except Exception as e:  # keep the other parts' numbers
-                res[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
-                traceback.print_exc()
-            res[f"{name}_s"] = time.perf_counter() - t
-            free_memory()
-            save()
+    run_parts({"runner": bench_runner, "load": bench_load, "peft": bench_peft},
+              args.parts.split(","), cfg, res, args.smoke, doc, ROWS, args.out)
     print(f"\n{'row':36s} {'value':>10s}")
     for r in doc["rows"]:
         print(f"{r['name']:36s} {r['value']:10.3f} {r['unit']}")
