@@ -74,8 +74,8 @@ class Server:
 
 
 class Soak:
-    def __init__(self, server: Server, store: Path, adapters: dict[int, bytes], seed: int):
-        self.server, self.store, self.adapters = server, store, adapters
+    def __init__(self, server: Server, adapters: dict[int, bytes], seed: int):
+        self.server, self.adapters = server, adapters
         self.rng = random.Random(seed)
         self.statuses: collections.Counter[tuple[str, str]] = collections.Counter()
         self.lock = threading.Lock()
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     log(f"soak: {a.seconds:g} s, {a.restarts} restarts, {a.threads} good threads, store {store}")
     try:
-        result = Soak(server, store, adapters, a.seed).run(a.seconds, a.restarts, a.threads)
+        result = Soak(server, adapters, a.seed).run(a.seconds, a.restarts, a.threads)
     finally:
         if server.proc.poll() is None:
             server.stop(signal.SIGTERM)
