@@ -19,12 +19,17 @@ fingerprint, then either placed in the store directory before a (timed) restart,
 them up (`--adapter-load store`), or loaded through LoadAdapter (`--adapter-load rpc`, timed,
 with a durable store: every load is written and fsynced). `--max-adapters` is the server's slot
 count: with fewer slots than adapters, idle named adapters give their slots to others and are
-reloaded from the store on use.
+reloaded from the store on use. `--adapter-kind lora` makes PEFT LoRA adapters instead (rank
+--lora-rank on --lora-targets of every layer, random bf16 factors) and gives the server a LoRA
+pool of --lora-rows rows; with more adapters than rows, idle ones give their rows to others and
+are reloaded from the store on use.
 
 Per run: output tok/s, TTFT / inter-token latency / end-to-end p50 and p99, requests ok and
 failed. Rows: serve_throughput_tok_s (closed loop, fixed, no adapter), throughput_<K>_adapters_
 ratio (closed loop, fixed, K distinct uniform, over no adapter; K the largest uniform set), the
-TTFT / ITL / E2E rows of the no-adapter closed loop. Writes benchmarks/results/<out>.{json,md}.
+TTFT / ITL / E2E rows of the no-adapter closed loop, and for every adapter set S
+[lora_]serve_throughput_S_tok_s and _ratio (over no adapter; 000 written k: z1k). Writes
+benchmarks/results/<out>.{json,md}.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +317,33 @@ def adapter_blobs(info, count: int, seed: int):
             yield adapter_to_bytes(m, base_fingerprint=info.fingerprint)
 
 
+def lora_blobs(info, count: int, seed: int, rank: int, targets: tuple[str, ...],
+               shapes: dict[str, tuple[int, int]]):
+    """`count` distinct PEFT LoRA adapters (packed adapter_config.json + bf16
+    adapter_model.safetensors, as nora_runtime.lora.pack_peft makes of a directory) of rank
+    `rank` on `targets` of every layer: random factors, a new draw for each."""
+    import torch
+    from safetensors.torch import save as st_save
+
+    from nora_runtime.lora import ATTENTION, pack_peft_files
+
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": list(targets), "bias": "none"}
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        tensors = {}
+        for layer in range(info.num_layers):
+            for proj in targets:
+                d_in, d_out = shapes[proj]
+                part = "self_attn" if proj in ATTENTION else "mlp"
+                name = f"base_model.model.model.layers.{layer}.{part}.{proj}"
+                tensors[f"{name}.lora_A.weight"] = (
+                    torch.randn(rank, d_in, generator=gen) / d_in ** 0.5).bfloat16()
+                tensors[f"{name}.lora_B.weight"] = (
+                    torch.randn(d_out, rank, generator=gen) * 0.01).bfloat16()
+        yield pack_peft_files(config, st_save(tensors))
+
+
 async def model_info(target: str):
     from nora_client import AsyncNoraClient
 
@@ -324,7 +357,7 @@ async def load_rpc(target: str, blobs, count: int, in_flight: int = 16) -> list[
 
     times: list[float] = []
     work = enumerate(blobs)  # made as the loads go: 100,000 files need not sit in memory
-    async with AsyncNoraClient(target, timeout=600) as c:
+    async with AsyncNoraClient(target, timeout=600, max_message_bytes=1 << 30) as c:
         async def worker() -> None:
             for i, data in work:
                 t = time.perf_counter()
@@ -396,6 +429,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-adapters", type=int, default=None,
                    help="server adapter slots (default: the adapters made, at least 1024)")
     p.add_argument("--adapter-load", default="store", choices=("store", "rpc"))
+    p.add_argument("--adapter-kind", default="nora", choices=("nora", "lora"),
+                   help="lora: PEFT LoRA files (random bf16 factors) instead of NoRA")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", default="q_proj,v_proj",
+                   help="projections of the LoRA adapters (PEFT's default for Llama)")
+    p.add_argument("--lora-rows", type=int, default=256,
+                   help="the server's LoRA pool rows (--max-lora-adapters)")
     p.add_argument("--store", default=None,
                    help="adapter store dir (kept; reused when it holds the same adapters); "
                         "'none': no store, adapters memory-only and pinned (needs --adapter-load "
@@ -440,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     store.mkdir(parents=True, exist_ok=True)
     slots = a.max_adapters or max(1024, n_adapters)
     extra = shlex.split(a.server_args)
+    if a.adapter_kind == "lora":
+        extra += ["--max-lora-adapters", str(a.lora_rows), "--max-lora-rank", str(a.lora_rank),
+                  "--lora-target-modules", a.lora_targets, "--max-message-bytes", str(1 << 30)]
     if a.device == "cpu" and "--kv-cache-tokens-cpu" not in extra:
         extra += ["--kv-cache-tokens-cpu", "65536"]
     args = ["--model", model, "--device", a.device,
@@ -447,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             "--max-concurrent-requests", str(max(4096, a.num_requests)), "--grace-seconds", "5",
             *extra]
     server = Server(args, dummy)
-    detail: dict = {"server_args": args, "adapters_made": n_adapters, "adapter_slots": slots}
+    detail: dict = {"server_args": args, "adapters_made": n_adapters, "adapter_slots": slots,
+                    "adapter_kind": a.adapter_kind}
     runs: list[dict] = []
     # one event loop for the whole benchmark: grpc.aio under a fresh asyncio.run per run left
     # the client process busy (~100% of a core on the 2-core CPU box), starving the server
@@ -458,12 +502,24 @@ def main(argv: list[str] | None = None) -> int:
         info = run(model_info(server.target))
         log(f"serving {info.model} on {info.device} ({info.dtype}); {server.target}")
         marker = store / ".bench-serve.json"
-        want = {"fingerprint": info.fingerprint, "count": n_adapters, "seed": a.seed}
+        want = {"fingerprint": info.fingerprint, "count": n_adapters, "seed": a.seed,
+                "kind": a.adapter_kind}
+        if a.adapter_kind == "lora":
+            from transformers import AutoConfig
+
+            from nora_runtime.lora_pool import projection_shapes
+
+            targets = tuple(a.lora_targets.split(","))
+            want.update(rank=a.lora_rank, targets=targets)
+            blobs = partial(lora_blobs, rank=a.lora_rank, targets=targets,
+                            shapes=projection_shapes(AutoConfig.from_pretrained(model)))
+        else:
+            blobs = adapter_blobs
         if n_adapters and a.adapter_load == "store":
             have = json.loads(marker.read_text()) if marker.exists() else None
             if have != want:
                 t = time.perf_counter()
-                for i, data in enumerate(adapter_blobs(info, n_adapters, a.seed)):
+                for i, data in enumerate(blobs(info, n_adapters, a.seed)):
                     (store / f"a{i}.safetensors").write_bytes(data)
                 marker.write_text(json.dumps(want))
                 detail["adapter_files_write_s"] = time.perf_counter() - t
@@ -474,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{detail['server_start_with_adapters_s']:.1f} s")
         elif n_adapters:
             t = time.perf_counter()
-            times = run(load_rpc(server.target, adapter_blobs(info, n_adapters, a.seed),
+            times = run(load_rpc(server.target, blobs(info, n_adapters, a.seed),
                                          n_adapters))
             detail["adapter_rpc_load_s"] = time.perf_counter() - t
             detail["adapter_rpc_load_ms_p50"] = pct(times, 50)
@@ -535,7 +591,14 @@ def report(a, argv, runs: list[dict], detail: dict, info, t_all: float) -> dict:
                     "e2e_p99_ms"):
             rows.append((key, m[key], "ms"))
         uniform = [s for s in a.adapters.split(",") if s.startswith("u")]
-        if uniform:
+        prefix = "lora_" if a.adapter_kind == "lora" else ""
+        for spec in a.adapters.split(","):  # every set: its throughput and ratio over none
+            if spec != "none" and closed("fixed", spec):
+                tok_s = median_run(closed("fixed", spec))["output_tok_s"]
+                name = f"{prefix}serve_throughput_{spec.replace('000', 'k')}"
+                rows += [(f"{name}_tok_s", tok_s, "tok/s"),
+                         (f"{name}_ratio", tok_s / m["output_tok_s"], "x")]
+        if uniform and not prefix:
             big = max(uniform, key=adapter_count)
             if closed("fixed", big):
                 ratio = (median_run(closed("fixed", big))["output_tok_s"]

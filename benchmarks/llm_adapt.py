@@ -404,10 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="cache directory for the base answers")
     p.add_argument("--out", default=None, help="writes OUT.json and OUT.md (default: "
                    "benchmarks/results/llm-adapt; --smoke: a temporary directory)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge the results of runs made at once (say, one per --tasks) into "
+                   "OUT; nothing is trained")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (--smoke: 1: "
                    "the tiny model's small ops run 20x faster on one thread than on two busy "
                    "cores)")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge([Path(x) for x in a.merge], Path(a.out) if a.out else
+                     RESULTS / "llm-adapt", sys.argv[1:] if argv is None else argv)
     setup = SMOKE if a.smoke else FULL
     setup = replace(setup, **{k: v for k, v in vars(a).items()
                               if k in ("steps", "batch_size", "heldout", "behaviour_train",
@@ -473,7 +479,7 @@ def run(a, args: list[str], setup: Setup, seeds: list[int], methods: list[str],
         lrs.update(picked)
     t_select = time.perf_counter() - t_start
     runs, base_acc = [], {}
-    for t in tasks:
+    for i, t in enumerate(tasks):
         texts = generate(base, tok, [q for q, _ in t.heldout], t.eval_tokens, setup.gen_batch)
         base_acc[t.name] = sum(c(x) for (_, c), x in zip(t.heldout, texts, strict=True)) \
             / len(t.heldout)
@@ -485,16 +491,51 @@ def run(a, args: list[str], setup: Setup, seeds: list[int], methods: list[str],
                 log(f"{t.name:9s} {m:9s} seed {seed}: success {r['accuracy']:.3f}  "
                     f"loss {r['final_loss']:.3f}  trainable {r['trainable']:,}  "
                     f"train {r['train_seconds']:.1f} s  eval {r['eval_seconds']:.1f} s")
-    times = {"setup": round(t_setup, 1), "lr_selection": round(t_select - t_setup, 1),
-             "seeds": round(time.perf_counter() - t_start - t_select, 1),
-             "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
-             "cpu_cores": os.cpu_count()}
-    write(out, args, model_name, device, dtype, setup, seeds, methods, tasks, lrs, grid, runs,
-          base_acc, times, log)
+        # after each task, the results so far (a run cut short still leaves its finished tasks)
+        times = {"setup": round(t_setup, 1), "lr_selection": round(t_select - t_setup, 1),
+                 "seeds": round(time.perf_counter() - t_start - t_select, 1),
+                 "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+                 "cpu_cores": os.cpu_count()}
+        write(out, args, model_name, where(device, dtype), setup, seeds, methods,
+              tasks[:i + 1], lrs, grid, runs, base_acc, times, log)
     return 0
 
 
 # ---- results ----------------------------------------------------------------------------------
+
+
+def merge(parts: list[Path], out: Path, args: list[str]) -> int:
+    """One result of runs made at once on the same model, setup, seeds and lrs (each on some
+    of the tasks): their runs side by side; times are the longest part's (they ran in
+    parallel)."""
+    docs = [json.loads(p.read_text()) for p in parts]
+    first = docs[0]
+    for p, d in zip(parts, docs, strict=True):
+        for k in ("device", "dtype", "versions", "model", "seeds", "lr", "setup"):
+            if d[k] != first[k]:
+                raise SystemExit(f"--merge: {p} has another {k} than {parts[0]}")
+    names = [name for d in docs for name in d["tasks"]]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--merge: a task appears in more than one part: {names}")
+    tasks = sorted((Task(name, [None] * t["train_records"], [None] * t["heldout"],
+                         [None] * t["val"], t["eval_tokens"], t["chance"])
+                    for d in docs for name, t in d["tasks"].items()),
+                   key=lambda t: TASKS.index(t.name))
+    runs = [r for d in docs for r in d["runs"]]
+    fields = Setup.__dataclass_fields__
+    setup = Setup(**{k: v for k, v in first["setup"].items() if k in fields})
+    secs = [d["seconds"] for d in docs]
+    times = {k: max(x[k] for x in secs) for k in ("setup", "lr_selection", "seeds",
+                                                   "load_average_end")}
+    times |= {"load_average_start": min(x["load_average_start"] for x in secs),
+              "cpu_cores": first["seconds"]["cpu_cores"]}
+    run_info = {k: first[k] for k in ("device", "dtype", "date", "versions")}
+    write(out, args, first["model"], run_info, setup, first["seeds"],
+          [m for m in METHODS if any(r["method"] == m for r in runs)], tasks, first["lr"],
+          first["lr_selection"], runs, {k: v for d in docs for k, v in
+                                        d["base_accuracy"].items()}, times, print,
+          parts=[d["command"] for d in docs])
+    return 0
 
 
 def device_name(device: torch.device) -> str:
@@ -548,12 +589,22 @@ def where_nora_loses(summ: dict, tasks: list[Task], methods: list[str],
     return lines
 
 
-def write(out: Path, args: list[str], model_name: str, device: torch.device,
-          dtype: torch.dtype, setup: Setup, seeds: list[int], methods: list[str],
-          tasks: list[Task], lrs: dict, grid: dict | None, runs: list[dict], base_acc: dict,
-          times: dict, log) -> None:
+def where(device: torch.device, dtype: torch.dtype) -> dict:
+    """Device, dtype, date and versions of this run (the results' header)."""
     import transformers
 
+    return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "date": datetime.date.today().isoformat(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__}}
+
+
+def write(out: Path, args: list[str], model_name: str, run_info: dict, setup: Setup,
+          seeds: list[int], methods: list[str], tasks: list[Task], lrs: dict,
+          grid: dict | None, runs: list[dict], base_acc: dict, times: dict, log,
+          parts: list[str] | None = None) -> None:
+    """The results (OUT.json, OUT.md). run_info: `where`'s dict; parts: the commands of runs
+    merged into these results (--merge), None for a single run."""
     summ = summarize(runs, tasks, methods)
     per_method = {m: next(r for r in runs if r["method"] == m) for m in methods}
     rows = []
@@ -581,11 +632,9 @@ def write(out: Path, args: list[str], model_name: str, device: torch.device,
     full = setup == FULL and seeds == [0, 1, 2] and list(methods) == list(METHODS) \
         and [t.name for t in tasks] == list(TASKS)
     doc = {
-        "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "date": datetime.date.today().isoformat(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        **run_info,
         "command": " ".join(["python", "benchmarks/llm_adapt.py", *args]),
+        **({"merged_runs": parts} if parts else {}),
         "model": model_name, "rows": rows, "seeds": seeds, "lr": lrs, "lr_selection": grid,
         "setup": {**{k: v for k, v in setup.__dict__.items()}, "schedule": "cosine",
                   "optimizer": "adamw", "warmup_steps": max(1, setup.steps // 15),
@@ -604,9 +653,12 @@ def write(out: Path, args: list[str], model_name: str, device: torch.device,
     lines = [
         f"# NoRA vs LoRA on {model_name}",
         "",
-        f"{doc['date']}, {doc['device']}, {doc['dtype']}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {len(seeds)} seed(s) "
-        f"({', '.join(map(str, seeds))}). Command: `{doc['command']}`: {total / 60:.1f} min "
+        f"{doc['date']}, {doc['device']}, {doc['dtype']}, torch {doc['versions']['torch']}, "
+        f"transformers {doc['versions']['transformers']}, {len(seeds)} seed(s) "
+        f"({', '.join(map(str, seeds))}). "
+        + (f"{len(parts)} runs at once on the device, one per task ("
+           + "; ".join(f"`{c}`" for c in parts) + "), merged by " if parts else "Command: ")
+        + f"`{doc['command']}`: {total / 60:.1f} min "
         f"(model and data {times['setup'] / 60:.1f} min, lr selection "
         f"{times['lr_selection'] / 60:.1f} min, training and evaluation "
         f"{times['seeds'] / 60:.1f} min; 1-minute load average "

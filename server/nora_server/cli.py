@@ -40,6 +40,8 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
     "max_lora_adapters": "LoRA / NoRA++ adapters resident at once (rows of the LoRA weight "
                          "pool, allocated at start; 0: NoRA only)",
     "max_lora_rank": "highest LoRA rank served",
+    "lora_target_modules": "projections LoRA adapters may adapt, comma-separated (the pool "
+                           "holds factors for these only)",
     "max_num_seqs": "running sequences at most (batch size)",
     "max_num_batched_tokens": "token budget of one engine step",
     "max_model_len": "prompt + generated tokens of one sequence",
@@ -85,6 +87,12 @@ OFF = ("off", "none", "")
 
 def _parser_for(annotation: str):
     """A str -> value converter for a dataclass field's annotation (a string here)."""
+    if annotation.startswith("tuple"):
+        def names(text: str) -> tuple[str, ...]:
+            return tuple(x.strip() for x in text.split(",") if x.strip())
+
+        names.__name__ = "comma-separated list"
+        return names
     kind = float if "float" in annotation else int if "int" in annotation else str
     optional = "None" in annotation
 
@@ -125,7 +133,8 @@ def _add_flags(parser: argparse.ArgumentParser, cls, helps: dict[str, str]) -> N
                 default = convert(os.environ[env])
             except ValueError:
                 parser.error(f"{env}={os.environ[env]!r} is not a valid {convert.__name__}")
-        shown = "(none)" if default is None else default
+        shown = "(none)" if default is None else \
+            ",".join(default) if isinstance(default, tuple) else default
         secret = name.endswith("token")
         parser.add_argument(flag, dest=name, type=convert, default=default,
                             help=f"{help_text} [{env}; default: "
