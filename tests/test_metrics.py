@@ -393,6 +393,24 @@ def test_grafana_dashboard_queries_served_metrics(engine):
         assert name in queried, name
 
 
+def test_grafana_dashboard_queries_parse(tmp_path):
+    """Every dashboard query is valid PromQL (Grafana's variables given values): promtool
+    checks them as recording rules. Skipped without promtool."""
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    values = {"$__rate_interval": "1m", "$__range": "1h", "$instance": ".*"}
+    rules = []
+    for i, expr in enumerate(e for e in dashboard_queries() if not e.startswith("label_values")):
+        for var, value in values.items():
+            expr = expr.replace(var, value)
+        rules.append({"record": f"nora:dashboard_query_{i}", "expr": expr})
+    path = tmp_path / "rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # YAML
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_metrics_follow_promtool_naming_rules(engine):
     """A scrape after mixed traffic (auth on, so /metrics takes a token) keeps the naming rules
     `promtool check metrics` applies: counters' samples end in `_total`, nothing else does,
