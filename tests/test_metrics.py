@@ -311,6 +311,43 @@ def test_per_adapter_running_and_waiting_and_lora_requests_info(engine):
     assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == ""
 
 
+def test_scrapes_during_traffic_always_succeed(engine):
+    """Scrapes copy the engine's running and waiting queues from the metrics thread while the
+    loop thread changes them: many scrapes during a stream of short requests (one seat, so the
+    waiting queue moves every few steps) all parse, with consistent counts."""
+    s = ServerThread(engine)
+    errors: list[Exception] = []
+
+    async def traffic():
+        from nora_client import AsyncNoraClient
+
+        async with AsyncNoraClient(s.target, timeout=120) as nora:
+            await asyncio.gather(*[nora.generate(PROMPT, adapter_id="a" if i % 2 else None,
+                                                 max_new_tokens=3, ignore_eos=True)
+                                   for i in range(24)])
+
+    try:
+        done = asyncio.run_coroutine_threadsafe(traffic(), s.loop)
+        scrapes = 0
+        while not done.done() or scrapes < 5:
+            try:
+                m = s.metrics()
+                running = sum(v for (name, _), v in m.items()
+                              if name == "nora_adapter_requests_running")
+                assert running <= 1 and running + sum(
+                    v for (name, _), v in m.items() if name == "nora_adapter_requests_waiting"
+                ) <= 24
+            except Exception as exc:  # reported below
+                errors.append(exc)
+                break
+            scrapes += 1
+        done.result(120)
+    finally:
+        s.close()
+    assert not errors, errors
+    assert scrapes >= 5
+
+
 def test_adapter_load_latency_by_source(engine):
     """LoadAdapter, a named adapter reloaded from the store after its eviction, and inline
     bytes each count in `nora_adapter_load_seconds{source}`."""
