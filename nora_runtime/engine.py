@@ -33,8 +33,9 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from nora_runtime.adapter import base_fingerprint
 from nora_runtime.checkpoint import DEFAULT_MODEL_NAME, resolve_checkpoint
 from nora_runtime.config import EngineConfig
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
+from nora_runtime.histogram import Histogram, HistogramSnapshot, powers_of_two
 from nora_runtime.model_runner import ModelRunner
 from nora_runtime.registry import BASE_SLOT, AdapterHold, AdapterInfo, AdapterRegistry
 from nora_runtime.sampling import (
@@ -116,6 +118,13 @@ class EngineStats:
     adapters_registered: int = 0  # ids registered, resident or not
     lora_slots_used: int = 0  # LoRA pool rows holding an adapter's LoRA
     lora_slots_total: int = 0
+    # requests per adapter id ("": the base; inline adapters under their content ids)
+    adapters_running: dict[str, int] = field(default_factory=dict)
+    adapters_waiting: dict[str, int] = field(default_factory=dict)
+    step_tokens: HistogramSnapshot | None = None  # tokens computed per step
+    step_sequences: HistogramSnapshot | None = None  # sequences per step
+    # adapter load latency by how the load came ("load", "reload", "inline": registry.py)
+    adapter_load_seconds: dict[str, HistogramSnapshot] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -192,6 +201,9 @@ class Engine:
         self.error: str | None = None  # why the loop thread died, if it did
         self._thread: threading.Thread | None = None
         self._batch_size = self._steps = 0
+        # per step: one bisect each (metrics, read at scrape time)
+        self._step_tokens = Histogram(powers_of_two(config.max_num_batched_tokens))
+        self._step_seqs = Histogram(powers_of_two(config.max_num_seqs))
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -250,7 +262,8 @@ class Engine:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             gen = None if params.greedy else make_generator(seed, self.runner.device)
             share = f"tenant:{tenant}" if tenant else f"adapter:{adapter_id or ''}"
-            seq = Sequence(key, ids, max_tokens, slot=slot, tenant=share)
+            seq = Sequence(key, ids, max_tokens, slot=slot, tenant=share,
+                           adapter=adapter_id or "")
             req = _Request(seq, request_id, params, gen, IncrementalDetokenizer(self.tokenizer),
                            StopChecker(params.stop), on_event, deadline, time.monotonic())
             with self._lock:
@@ -368,9 +381,13 @@ class Engine:
             raise
 
     def stats(self) -> EngineStats:
+        """A snapshot, from any thread (the loop thread keeps running meanwhile)."""
         reg, sched = self.registry, self.scheduler
+        # copies of the loop thread's queues: list() of a list or deque runs in C without
+        # releasing the GIL, so it sees no half-done change
+        running, waiting = list(sched.running), list(sched.waiting)
         return EngineStats(
-            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            num_running=len(running), num_waiting=len(waiting),
             kv_usage=sched.kv_usage, batch_size=self._batch_size, steps=self._steps,
             preemptions=sched.preemptions, slots_used=reg.capacity - reg.num_free,
             slots_total=reg.capacity, adapter_loads=reg.loads,
@@ -378,7 +395,11 @@ class Engine:
             adapter_inline_evictions=reg.inline_evictions, adapter_reloads=reg.reloads,
             adapters_registered=len(reg),
             lora_slots_used=reg.lora_capacity - reg.num_free_lora,
-            lora_slots_total=reg.lora_capacity)
+            lora_slots_total=reg.lora_capacity,
+            adapters_running=dict(Counter(s.adapter for s in running)),
+            adapters_waiting=dict(Counter(s.adapter for s in waiting)),
+            step_tokens=self._step_tokens.snapshot(), step_sequences=self._step_seqs.snapshot(),
+            adapter_load_seconds={how: h.snapshot() for how, h in reg.load_seconds.items()})
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -457,6 +478,8 @@ class Engine:
     def _step(self, batch: ScheduledBatch) -> None:
         self._steps += 1
         self._batch_size = len(batch.seqs)
+        self._step_tokens.observe(batch.num_tokens)
+        self._step_seqs.observe(self._batch_size)
         now = time.monotonic()
         for seq in batch.seqs:
             req = self._live[seq.request_id]

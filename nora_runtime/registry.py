@@ -87,6 +87,7 @@ from nora_runtime.adapter import (
     UnsupportedAdapter,
     load_adapter,
 )
+from nora_runtime.histogram import Histogram
 from nora_runtime.lora import (
     PEFT_CONFIG,
     PEFT_FORMAT,
@@ -116,6 +117,10 @@ INLINE = "inline"  # AdapterInfo.source of adapters given as bytes
 INLINE_PREFIX = "sha256:"
 KINDS = ("nora", "lora", "nora++")  # AdapterInfo.kind
 MAX_ID_LEN = 128
+# adapter load latency buckets (seconds): a small NoRA file loads in about a millisecond, a LoRA
+# of a large model or a slow store takes seconds
+LOAD_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0)
 _RELOAD_TRIES = 3  # a replace racing a reload makes it read again; more than 3 in a row is a bug
 
 
@@ -238,7 +243,9 @@ class AdapterRegistry:
 
     Counters for metrics: `loads`, `evictions` (of which `inline_evictions`), `reloads` (named
     adapters brought back from the store), `load_failures` (bad or mismatched adapters, bad
-    paths).
+    paths); `load_seconds`: how long successful loads took (read, validation, store write,
+    install), by how they came: "load" (`load`, and restoring the store at startup), "reload"
+    (a named adapter brought back from the store on use) and "inline" (`hold_inline`).
     """
 
     def __init__(self, table: CoefficientTable, *, fingerprint: str | None, mode: str, act: str,
@@ -284,6 +291,8 @@ class AdapterRegistry:
         self._n_inline_lora = 0  # inline ids holding a row
         self.loads = self.evictions = self.inline_evictions = self.reloads = 0
         self.load_failures = 0
+        self.load_seconds = {how: Histogram(LOAD_SECONDS_BUCKETS)
+                             for how in ("load", "reload", "inline")}
 
     @property
     def capacity(self) -> int:
@@ -331,11 +340,14 @@ class AdapterRegistry:
         if adapter_id.startswith(INLINE_PREFIX):
             raise ValueError(f"adapter ids starting with {INLINE_PREFIX!r} are reserved for "
                              "inline adapters")
+        start = time.monotonic()
         with self._failures_counted():
             data, origin = (source, INLINE) if isinstance(source, bytes) else self._read(source)
             parsed = self._validate(data)
         with self._persist:
-            return self._load_named(adapter_id, data, parsed, origin)
+            info = self._load_named(adapter_id, data, parsed, origin)
+        self.load_seconds["load"].observe(time.monotonic() - start)
+        return info
 
     def unload(self, adapter_id: str) -> None:
         """Remove `adapter_id` now (and from the durable store, marked unloaded so that its
@@ -393,6 +405,7 @@ class AdapterRegistry:
         `load` does; RegistryFull when every inline slot is held (or none can be had)."""
         if not isinstance(data, bytes):
             raise ValueError(f"inline adapter must be bytes, got {type(data).__name__}")
+        start = time.monotonic()
         adapter_id = INLINE_PREFIX + hashlib.sha256(data).hexdigest()
         with self._lock:
             if (entry := self._ids.get(adapter_id)) is not None:
@@ -405,7 +418,9 @@ class AdapterRegistry:
             entry = self._install(adapter_id, parsed, source=INLINE, nbytes=len(data),
                                   inline=True, stored=None)
             self.loads += 1
-            return self._hold(entry)
+            hold = self._hold(entry)
+        self.load_seconds["inline"].observe(time.monotonic() - start)
+        return hold
 
     def load_inline(self, data: bytes) -> str:
         """`hold_inline` without keeping the hold: the content id. The adapter may be evicted
@@ -571,6 +586,7 @@ class AdapterRegistry:
         """Make a named adapter resident, reloading it from the store if it is not; with
         `hold`, hold its slot in the same critical section (an eviction can come between
         otherwise)."""
+        start = time.monotonic()
         for _ in range(_RELOAD_TRIES):
             with self._lock:
                 entry = self._named(adapter_id)
@@ -599,6 +615,8 @@ class AdapterRegistry:
                                  adapter_id, entry.slot)
                     else:
                         self.loads += 1
+                    self.load_seconds["reload" if hold else "load"].observe(
+                        time.monotonic() - start)
                 return self._hold(entry) if hold else None
         raise StoreError(f"adapter {adapter_id!r} was replaced {_RELOAD_TRIES} times while it "
                          "was being reloaded")

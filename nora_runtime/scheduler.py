@@ -114,6 +114,7 @@ class Sequence:
     max_tokens: int  # cap on prompt + generated tokens: the total length the seq may reach
     slot: int = 0  # coefficient-table slot of its adapter (0 = base), acquired by the engine
     tenant: str = ""  # the unit of the fairness guard (the engine: the caller's tenant)
+    adapter: str = ""  # its adapter's id ("": the base), for per-adapter metrics only
     arrival: float = field(default_factory=time.monotonic)  # FCFS and preemption order
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0

@@ -124,7 +124,8 @@ class NoraServer:
                     c.metrics_port, metrics_host,
                     authorize=(lambda t: self.auth.lookup(t) is not None)
                     if self.auth.enabled else None,
-                    tls=(c.tls_cert, c.tls_key) if c.tls_cert else None)
+                    tls=(c.tls_cert, c.tls_key) if c.tls_cert else None,
+                    state=self.service.state)
             except OSError as exc:
                 await server.stop(0)
                 if self._http is not None:

@@ -393,12 +393,7 @@ class HttpApi:
     # ---- health ------------------------------------------------------------------------------
 
     def _state(self) -> str:
-        s = self.service
-        if s.engine is None:
-            return "loading"
-        if not s.engine.alive:
-            return "stopped"
-        return "serving" if s.accepting else "draining"
+        return self.service.state()
 
     async def health(self, request: Request) -> JSONResponse:
         state = self._state()
@@ -538,7 +533,7 @@ class HttpApi:
                 for _ in jobs:
                     holds.append(await s.hold(engine, adapter))
                 streams = [s.events(engine, job.ids, job.params, hold, tenant=caller.tenant,
-                                    end_of_turn=end_of_turn)
+                                    end_of_turn=end_of_turn, arrival=out.arrival)
                            for job, hold in zip(jobs, holds, strict=True)]
                 await self._run(engine, jobs, streams, out, chat=chat, model=model,
                                 stream=stream, include_usage=include_usage,
@@ -681,10 +676,12 @@ async def _merge(streams: list[AsyncIterator[TokenEvent]]):
 
 
 class _Responder:
-    """Writes one HTTP response: JSON, or server-sent events once `start_stream`ed."""
+    """Writes one HTTP response: JSON, or server-sent events once `start_stream`ed. Made as the
+    request arrives: `arrival` (time.monotonic()) is where its latency metrics start."""
 
     def __init__(self, send: Callable) -> None:
         self.send, self.started = send, False
+        self.arrival = time.monotonic()
 
     async def json(self, status: int, obj: dict) -> None:
         body = json.dumps(obj, ensure_ascii=False).encode()

@@ -193,31 +193,44 @@ def rpc(method, *, admin: bool = False):
 
 
 class _Tracker:
-    """Records one generation request's latencies and token counts as its events arrive."""
+    """Records one generation request's latencies and token counts as its events arrive (once
+    per event, and once at its finish). Times are time.monotonic(), the engine's clock:
+    `arrival` is when the RPC or HTTP request arrived, before tokenizing and adapter loading;
+    the tracker is made just before the engine request is submitted."""
 
-    def __init__(self, metrics: Metrics, adapter_id: str) -> None:
+    def __init__(self, metrics: Metrics, adapter_id: str, num_prompt_tokens: int,
+                 arrival: float | None = None) -> None:
         self.m, self.adapter_id, self.label = metrics, adapter_id, ""
-        self.start = time.perf_counter()
+        self.submitted = time.monotonic()
+        self.arrival = self.submitted if arrival is None else arrival
+        self.num_prompt_tokens, self.generated = num_prompt_tokens, 0
+        self.scheduled: float | None = None  # the first engine step that computed it
+        self.first: float | None = None  # time of the first token
         self.last: float | None = None  # time of the latest token
         self.started = self.finished = False
 
     def event(self, ev: TokenEvent) -> None:
-        m, now = self.m, time.perf_counter()
+        m, now = self.m, time.monotonic()
         if not self.started:  # the engine accepted the request (so the adapter id exists and
             self.started = True  # may claim a metric label: unknown ids never get one)
             self.label = m.adapter_label(self.adapter_id)
             m.prompt_tokens.inc(ev.num_prompt_tokens)
             m.adapter_requests.labels(self.label).inc()
-        if ev.queue_seconds is not None:
-            m.queue.observe(ev.queue_seconds)
+        if ev.queue_seconds is not None:  # submit -> first scheduled, as the engine saw it
+            self.scheduled = self.submitted + ev.queue_seconds
+            m.queue.observe(self.scheduled - self.arrival)
         n = len(ev.token_ids)
         if n:
             if self.last is None:
-                m.ttft.observe(now - self.start)
+                self.first = now
+                m.ttft.observe(now - self.arrival)
+                if self.scheduled is not None:
+                    m.prefill.observe(max(0.0, now - self.scheduled))
             else:
                 for _ in range(n):
                     m.itl.observe((now - self.last) / n)
             self.last = now
+            self.generated += n
             m.generated_tokens.inc(n)
             m.adapter_tokens.labels(self.label).inc(n)
         if ev.finish_reason is not None:
@@ -226,8 +239,13 @@ class _Tracker:
     def done(self, reason: str) -> None:
         if not self.finished:
             self.finished = True
-            self.m.finished.labels(reason).inc()
-            self.m.e2e.observe(time.perf_counter() - self.start)
+            m, now = self.m, time.monotonic()
+            m.finished.labels(reason).inc()
+            m.e2e.labels(reason).observe(now - self.arrival)
+            m.request_prompt_tokens.observe(self.num_prompt_tokens)
+            m.request_generated_tokens.observe(self.generated)
+            if self.first is not None:
+                m.decode.observe(now - self.first)
 
 
 class NoraService(nora_pb2_grpc.NoraServicer):
@@ -341,6 +359,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
 
     async def _generate(self, request,
                         caller: Caller) -> AsyncIterator[nora_pb2.GenerateResponse]:
+        arrival = time.monotonic()  # latency metrics count from here
         engine = self.serving_engine()
         params = _sampling_params(request, engine.default_params)
         input_kind = _input_kind(request)  # before admission: a request without input is bad
@@ -363,7 +382,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 deadline = time.monotonic() + time_limit if time_limit > 0 else None
                 events = self.events(engine, ids, params, hold, tenant=caller.tenant,
                                      end_of_turn=end_of_turn, deadline=deadline,
-                                     request_id=request.request_id or None)
+                                     request_id=request.request_id or None, arrival=arrival)
                 first = True
                 async with aclosing(events):  # leaving early aborts the engine request
                     async for ev in events:
@@ -374,6 +393,15 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                     hold.release()
 
     # ---- the generation path both edges share (gRPC here, HTTP in http_api.py) ------------
+
+    def state(self) -> str:
+        """"serving", "loading" (no model yet), "draining" or "stopped" (the engine died): what
+        the health endpoints report."""
+        if self.engine is None:
+            return "loading"
+        if not self.engine.alive:
+            return "stopped"
+        return "serving" if self.accepting else "draining"
 
     def serving_engine(self) -> Engine:
         """The engine, if it takes new generations (UNAVAILABLE while loading or draining)."""
@@ -438,10 +466,12 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     async def events(self, engine: Engine, ids: list[int], params: SamplingParams,
                      hold: AdapterHold | None, *, tenant: str,
                      end_of_turn: tuple[int, ...] = (), request_id: str | None = None,
-                     deadline: float | None = None) -> AsyncIterator[TokenEvent]:
-        """One engine request's events, recorded in the metrics; a stop on `end_of_turn` is
+                     deadline: float | None = None,
+                     arrival: float | None = None) -> AsyncIterator[TokenEvent]:
+        """One engine request's events, recorded in the metrics (latencies from `arrival`, a
+        time.monotonic() when the request arrived; None: now); a stop on `end_of_turn` is
         reported as EOS. Closing the iterator early (or cancelling) aborts the request."""
-        tracker = _Tracker(self.metrics, hold.id if hold is not None else "")
+        tracker = _Tracker(self.metrics, hold.id if hold is not None else "", len(ids), arrival)
         events = engine.generate_async(ids, params, adapter=hold, deadline=deadline,
                                        request_id=request_id, tenant=tenant)
         try:
