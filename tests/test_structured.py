@@ -12,6 +12,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine, TokenEvent
@@ -123,8 +124,10 @@ def test_free_output_is_not_json(engine):
         json.loads(free.text)
 
 
-def test_constrained_and_free_rows_share_a_batch_as_if_alone(engine):
-    reqs = [
+def mixed_requests() -> list[tuple]:
+    """Constrained (schema, regex, JSON object) and free rows, greedy and seeded, with top
+    logprobs, the new penalties and min-p, on the base model and adapter "a"."""
+    return [
         ("Describe a person:", schema_params(1), None),
         ("Hello", SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True), None),
         ("Describe a person:", schema_params(2, logprobs=True, top_logprobs=3), "a"),
@@ -136,6 +139,10 @@ def test_constrained_and_free_rows_share_a_batch_as_if_alone(engine):
         ("Hi", SamplingParams(temperature=0, max_new_tokens=150,
                               structured=StructuredOutput("json_object")), None),
     ]
+
+
+def test_constrained_and_free_rows_share_a_batch_as_if_alone(engine):
+    reqs = mixed_requests()
     solo = [alone(engine, *r) for r in reqs]
     for order in (list(range(len(reqs))), list(range(len(reqs)))[::-1]):
         batched = run(engine, [reqs[i] for i in order])
@@ -239,3 +246,27 @@ def test_truncate_prompt_tokens_keeps_the_end(engine):
     assert cut.tokens == alone(engine, ids[-5:], p).tokens
     longer = alone(engine, ids, SamplingParams(**{**p.__dict__, "truncate_prompt_tokens": 999}))
     assert longer.tokens == alone(engine, ids, p).tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_constrained_and_free_rows_share_a_batch_as_if_alone():
+    """On a GPU (Triton kernels, CUDA graphs): the masks move to the device per step; a mixed
+    batch gives each request the tokens it gets alone, and the schema answers validate."""
+    from nora_runtime.adapter import adapter_to_bytes
+
+    e = Engine(EngineConfig(model=str(tiny_checkpoint()), device="cuda", dtype="float32",
+                            mode="replace", max_adapters=4, max_num_seqs=16, max_model_len=512,
+                            kv_memory_fraction=0.05))
+    try:
+        e.load_adapter("a", adapter_to_bytes(random_adapter(e.info, 1),
+                                             base_fingerprint=e.info.fingerprint))
+        e.start()
+        reqs = mixed_requests()
+        solo = [alone(e, *r) for r in reqs]
+        batched = run(e, reqs)
+        for i, (s, b) in enumerate(zip(solo, batched, strict=True)):
+            assert (b.tokens, b.reason) == (s.tokens, s.reason), f"request {i}"
+        for i in (0, 2):
+            jsonschema.validate(json.loads(solo[i].text), SCHEMA)
+    finally:
+        e.shutdown()
