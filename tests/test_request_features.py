@@ -299,3 +299,19 @@ def test_penalties_and_vllm_extras_over_http(api, engine, served):
                   {"presence_penalty": 9}):
         with pytest.raises(openai.BadRequestError):
             api.completions.create(model=base, prompt="Hi", max_tokens=2, extra_body=extra)
+
+
+def test_nora_cli_json_schema(served, tmp_path):
+    import subprocess
+
+    from test_serve_cli import command
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(SCHEMA))
+    out = subprocess.run([*command("nora", "nora_client.cli"), "--target", served.target,
+                          "generate", "--chat", "Describe a person.", "--json-schema",
+                          str(schema), "--temperature", "1", "--seed", "4",
+                          "--max-new-tokens", "200", "--presence-penalty", "0.5"],
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    jsonschema.validate(json.loads(out.stdout.decode()), SCHEMA)
