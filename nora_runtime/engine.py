@@ -56,6 +56,7 @@ from nora_runtime.sampling import (
     sample,
 )
 from nora_runtime.scheduler import ScheduledBatch, Scheduler, Sequence
+from nora_runtime.structured import Grammars, Matcher, StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class TokenEvent:
     num_prompt_tokens: int
     num_output_tokens: int
     queue_seconds: float | None = None  # submit -> first scheduled, on the first event only
+    # per new token, with params.top_logprobs: its top_logprobs most likely (token id, logprob)
+    # pairs, most likely first (tokens the row's masks exclude are left out)
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class _Request:
     deadline: float | None
     submitted: float
     queue_seconds: float | None = None  # set when first scheduled
+    matcher: Matcher | None = None  # params.structured's grammar state
 
 
 class Engine:
@@ -173,6 +178,7 @@ class Engine:
         self.eos_ids = _eos_ids(checkpoint, hf, self.tokenizer)
         # what submit(params=None) uses; the server fills a request's unset fields from it
         self.default_params = model_defaults(checkpoint)
+        self.grammars = Grammars(self.tokenizer, hf.vocab_size, self.eos_ids)
         kv_tokens = runner.num_blocks * runner.block_size
         if config.max_model_len > kv_tokens:
             log.warning("max_model_len %d exceeds the KV cache: sequences end at %d tokens",
@@ -251,7 +257,8 @@ class Engine:
         params = params or self.default_params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self._prompt_ids(prompt)
+        ids = self._prompt_ids(prompt, params.truncate_prompt_tokens)
+        matcher = self.grammars.matcher(params.structured) if params.structured else None
         max_tokens = min(len(ids) + params.max_new_tokens, self.max_model_len)
         request_id = request_id or uuid.uuid4().hex
         if not isinstance(request_id, str) or not isinstance(tenant, str):
@@ -265,7 +272,8 @@ class Engine:
             seq = Sequence(key, ids, max_tokens, slot=slot, tenant=share,
                            adapter=adapter_id or "")
             req = _Request(seq, request_id, params, gen, IncrementalDetokenizer(self.tokenizer),
-                           StopChecker(params.stop), on_event, deadline, time.monotonic())
+                           StopChecker(params.stop), on_event, deadline, time.monotonic(),
+                           matcher=matcher)
             with self._lock:
                 if self._stopping:
                     raise RuntimeError(self.error or "the engine is shutting down")
@@ -494,16 +502,35 @@ class Engine:
             history = [r.seq.tokens if r.params.repetition_penalty != 1.0 else ()
                        for r in reqs]
             result = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
-                            history)
+                            history, **self._row_masks(reqs))
             tokens = result.tokens.tolist()
             logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+            tops = _top_pairs(result, [r.params.top_logprobs for r in reqs])
             for i, token in zip(rows, tokens, strict=True):
                 sampled[i] = token
         self.scheduler.postprocess(batch, sampled)
         for j, req in enumerate(reqs):
-            self._emit(req, tokens[j], logprobs[j] if logprobs is not None else None)
+            self._emit(req, tokens[j], logprobs[j] if logprobs is not None else None,
+                       tops[j] if tops is not None else None)
 
-    def _emit(self, req: _Request, token: int, logprob: float | None) -> None:
+    def _row_masks(self, reqs: list[_Request]) -> dict:
+        """`sample`'s per-row inputs beyond the history: generated tokens (presence and
+        frequency penalties), the grammar's allowed tokens, and the EOS and stop ids a row may
+        not take before min_new_tokens (not for constrained rows: their grammar decides where
+        the output ends)."""
+        outputs = [r.seq.output_ids if r.params.presence_penalty or r.params.frequency_penalty
+                   else () for r in reqs]
+        allowed = [r.matcher.allowed() if r.matcher is not None else None for r in reqs]
+        banned = []
+        for r in reqs:
+            p = r.params
+            early = r.matcher is None and len(r.seq.output_ids) < p.min_new_tokens
+            banned.append((() if p.ignore_eos else self.eos_ids) + p.stop_token_ids
+                          if early else ())
+        return {"outputs": outputs, "allowed": allowed, "banned": banned}
+
+    def _emit(self, req: _Request, token: int, logprob: float | None,
+              top: tuple[tuple[int, float], ...] | None = None) -> None:
         seq, params = req.seq, req.params
         n_out = len(seq.output_ids)
         reason = finish_reason(params, token, n_out, self.eos_ids)
@@ -511,18 +538,25 @@ class Engine:
             reason = "eos"
         if reason is None and seq.num_tokens >= seq.max_tokens:
             reason = "length"  # max_model_len reached before max_new_tokens
+        complete = False  # the grammar is complete: the token's text is output, then "stop"
+        if req.matcher is not None:
+            if (error := req.matcher.consume(token)) is not None:
+                self._finish(req, "error", error=f"structured output: {error}")
+                return
+            complete = reason in (None, "length") and req.matcher.done
         text, by_string = "", False
         if reason not in ("stop", "eos"):  # a stopping token's text is not output
             text, by_string = req.stops.feed(req.detok.step(token))
         if not by_string and reason is not None:  # the text ends here: send what was held back
             rest, by_string = req.stops.feed(req.detok.flush())
             text += rest if by_string else rest + req.stops.flush()
-        if by_string:
+        if by_string or complete:
             reason = "stop"
         queued = req.queue_seconds if n_out == 1 else None
         event = TokenEvent(req.request_id, (token,), text,
                            (logprob,) if params.logprobs and logprob is not None else None,
-                           reason, None, len(seq.prompt_ids), n_out, queued)
+                           reason, None, len(seq.prompt_ids), n_out, queued,
+                           (top,) if top is not None else None)
         if reason is not None:
             self._finish(req, reason, event=event)
         else:
@@ -571,7 +605,13 @@ class Engine:
 
     # ---- validation ---------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def check_structured(self, spec: StructuredOutput) -> None:
+        """Compile and validate a structured output spec now (cached; ValueError if bad), so
+        that `submit` does not compile it on the caller's thread: servers call this on a worker
+        thread first."""
+        self.grammars.check(spec)
+
+    def _prompt_ids(self, prompt: str | list[int], truncate: int | None = None) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
@@ -584,6 +624,8 @@ class Engine:
             raise ValueError(f"prompt must be text or token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("empty prompt")
+        if truncate is not None:
+            ids = ids[-truncate:]  # from the left: the end of a conversation matters most
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within "
                              f"max_model_len {self.max_model_len}")
@@ -607,6 +649,16 @@ def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
 def _release_hold(future: asyncio.Future[AdapterHold]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().release()
+
+
+def _top_pairs(result, ks: list[int]) -> list[tuple[tuple[int, float], ...] | None] | None:
+    """Each row's first ks[i] (token id, logprob) pairs of `result`'s top logprobs, without
+    masked (-inf) tokens; None for rows that asked for none, or None when no row did."""
+    if result.top_ids is None:
+        return None
+    ids, lps = result.top_ids.tolist(), result.top_logprobs.tolist()
+    return [tuple((t, lp) for t, lp in zip(ids[j][:k], lps[j][:k], strict=True)
+                  if lp != float("-inf")) if k else None for j, k in enumerate(ks)]
 
 
 def _key(tenant: str, request_id: str) -> str:

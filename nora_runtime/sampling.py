@@ -1,5 +1,7 @@
-"""Choosing the next token: repetition penalty, temperature, top-k, top-p, per-request seeds,
-log-probabilities, and when a sequence stops on a token or on length. A model's default
+"""Choosing the next token: per-row token masks (structured output, tokens banned before
+min_new_tokens), repetition, presence and frequency penalties, temperature, top-k, top-p, min-p,
+per-request seeds, log-probabilities (the chosen token's and the top k), and when a sequence
+stops on a token or on length. A model's default
 parameters come from its generation_config.json (`model_defaults`).
 
 Determinism is the priority: a row's token depends only on its own logits, its parameters and
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from nora_runtime.structured import StructuredOutput
+
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: logits / T would overflow float32
 # Ranges of the float parameters, for float32 math (the sampler's): a double that is fine in
 # Python can round to 0 or inf in float32 (repetition_penalty=1e-300 became 0: logits / 0 gave
@@ -42,6 +46,8 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed accepts
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+PRESENCE_PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range, for presence and frequency penalties
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # stop tokens besides EOS (these apply with ignore_eos)
     ignore_eos: bool = False
     logprobs: bool = False  # report the chosen token's log-probability (see `sample`)
+    top_logprobs: int = 0  # with logprobs: also the k most likely tokens' (k <= 20)
+    # OpenAI's: subtract presence_penalty from the logit of every token generated so far, and
+    # frequency_penalty times the number of times it was generated (the prompt does not count)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely; 0 = off
+    min_new_tokens: int = 0  # EOS and stop token ids are masked until this many are generated
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last this many tokens
+    structured: StructuredOutput | None = None  # the output must be JSON / match a schema / regex
 
     def __post_init__(self) -> None:
         _check_number("temperature", self.temperature)
@@ -102,6 +117,32 @@ class SamplingParams:
                              f"got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entries", t, 0)
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a bool, got {brief(self.logprobs)}")
+        _check_int("top_logprobs", self.top_logprobs, 0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        low, high = PRESENCE_PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}] (0 = off), got {value}")
+        _check_number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        _check_int("min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                             f"({self.max_new_tokens})")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got "
+                             f"{type(self.structured).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -178,33 +219,55 @@ def finish_reason(params: SamplingParams, token_id: int, num_output_tokens: int,
 class SampleResult:
     tokens: torch.Tensor  # [B] int64
     logprobs: torch.Tensor | None  # [B] float32; None when no row asked for logprobs
+    # [B, K] ids and logprobs of each row's K most likely tokens (K: the largest top_logprobs
+    # of the batch; a row reads its own first top_logprobs), None when no row asked for them
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
-           history: Sequence[Sequence[int]]) -> SampleResult:
+           history: Sequence[Sequence[int]], *,
+           outputs: Sequence[Sequence[int]] | None = None,
+           allowed: Sequence[torch.Tensor | None] | None = None,
+           banned: Sequence[Sequence[int]] | None = None) -> SampleResult:
     """Pick one token per row.
 
-    Order, as in HF generate: repetition penalty over the set of ids in `history[i]` (prompt and
-    output so far; read only for rows whose penalty is not 1, ids must be < V), then temperature,
-    top-k, top-p on the renormalised top-k distribution, then a draw. Greedy rows take the
+    Order: first the row's masks (`allowed[i]`, a [V] bool tensor of the tokens its grammar
+    allows, None = all; `banned[i]`, token ids it may not take now: EOS and stop ids before
+    min_new_tokens), then, as in HF generate, repetition penalty over the set of ids in
+    `history[i]` (prompt and output so far; read only for rows whose penalty is not 1, ids must
+    be < V), then presence and frequency penalties over `outputs[i]` (the generated tokens so
+    far; read only for rows that use them), then temperature, top-k, top-p on the renormalised
+    top-k distribution, min-p (a token is kept if its probability is >= min_p times the most
+    likely one's; with top-k/top-p the stricter bound wins), then a draw. Greedy rows take the
     argmax of the penalised logits (first index on ties). The reported logprob is the chosen
     token's log-probability under the distribution it was drawn from: log_softmax of the
-    penalised, scaled and filtered logits; for greedy rows log_softmax of the penalised logits.
+    masked, penalised, scaled and filtered logits; for greedy rows log_softmax of the masked,
+    penalised logits. Top logprobs are the same distribution's K largest.
 
     logits: [B, V], any float dtype and device (math in float32, not modified). generators[i]:
     row i's generator on logits.device; required for sampled rows, ignored for greedy ones.
+    A row must keep at least one token after its masks.
     """
     B, V = logits.shape
     if not len(params) == len(generators) == len(history) == B:
         raise ValueError(f"{B} logits rows but {len(params)} params, {len(generators)} "
                          f"generators and {len(history)} histories")
+    for name, per_row in (("outputs", outputs), ("allowed", allowed), ("banned", banned)):
+        if per_row is not None and len(per_row) != B:
+            raise ValueError(f"{B} logits rows but {len(per_row)} {name}")
     device = logits.device
-    x = _penalise(logits.float(), params, history)  # [B, V]
+    x = _mask(logits.float(), allowed, banned)  # [B, V]
+    x = _penalise(x, params, history)
+    x = _presence_frequency(x, params, outputs)
     temperature = [1.0 if p.greedy else p.temperature for p in params]
     if any(t != 1.0 for t in temperature):
         x = x / torch.tensor(temperature, device=device)[:, None]
     threshold = _thresholds(x, params)  # [B] or None
+    by_min_p = _min_p_thresholds(x, params)  # [B] or None
+    if by_min_p is not None:
+        threshold = by_min_p if threshold is None else torch.maximum(threshold, by_min_p)
     if threshold is not None:
         x = x.masked_fill(x < threshold[:, None], -math.inf)
 
@@ -219,12 +282,73 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
             scores = x.index_put((idx,), x[idx] + gumbel)
     tokens = scores.argmax(dim=-1)  # [B]
 
-    logprobs = None
+    logprobs = top_ids = top_logprobs = None
     if any(p.logprobs for p in params):
         # log_softmax, not x - logsumexp: CUDA's generic reductions split a row differently
         # for different batch sizes, the softmax kernels only by V, so this stays row-exact.
-        logprobs = x.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)  # [B]
-    return SampleResult(tokens, logprobs)
+        lp = x.log_softmax(dim=-1)  # [B, V]
+        logprobs = lp.gather(1, tokens[:, None]).squeeze(1)  # [B]
+        k = min(max(p.top_logprobs for p in params), V)
+        if k:
+            top_logprobs, top_ids = lp.topk(k, dim=-1)  # [B, K], descending
+    return SampleResult(tokens, logprobs, top_ids, top_logprobs)
+
+
+def _mask(x: torch.Tensor, allowed: Sequence[torch.Tensor | None] | None,
+          banned: Sequence[Sequence[int]] | None) -> torch.Tensor:
+    """x with -inf outside each row's allowed tokens and on its banned ones (a new tensor if
+    any row is masked)."""
+    device = x.device
+    rows = [i for i, a in enumerate(allowed or ()) if a is not None]
+    if rows:
+        keep = torch.stack([allowed[i] for i in rows]).to(device)  # [R, V] bool
+        idx = torch.tensor(rows, device=device)
+        x = x.index_put((idx,), x[idx].masked_fill(~keep, -math.inf))
+    rows = [i for i, b in enumerate(banned or ()) if len(b)]
+    if rows:
+        counts = torch.tensor([len(banned[i]) for i in rows], device=device)
+        r = torch.repeat_interleave(torch.tensor(rows, device=device), counts)  # [N]
+        c = torch.tensor(list(chain.from_iterable(banned[i] for i in rows)), device=device)
+        x = x.index_put((r, c), torch.tensor(-math.inf, device=device))
+    return x
+
+
+def _presence_frequency(x: torch.Tensor, params: Sequence[SamplingParams],
+                        outputs: Sequence[Sequence[int]] | None) -> torch.Tensor:
+    """OpenAI's penalties: logit -= presence * (count > 0) + frequency * count, with count the
+    times the token was generated (counts are small integers, exact in float32 in any order of
+    addition). Returns a new tensor if any row is penalised."""
+    if outputs is None:
+        return x
+    rows = [i for i, p in enumerate(params)
+            if (p.presence_penalty or p.frequency_penalty) and len(outputs[i])]
+    if not rows:
+        return x
+    device = x.device
+    lengths = torch.tensor([len(outputs[i]) for i in rows], device=device)
+    r = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)  # [N]
+    c = torch.tensor(list(chain.from_iterable(outputs[i] for i in rows)), device=device)
+    counts = torch.zeros(len(rows), x.shape[1], device=device)  # [R, V]
+    counts.index_put_((r, c), torch.ones_like(c, dtype=counts.dtype), accumulate=True)
+    presence = torch.tensor([params[i].presence_penalty for i in rows], device=device)
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device)
+    penalty = frequency[:, None] * counts + presence[:, None] * (counts > 0)
+    idx = torch.tensor(rows, device=device)
+    return x.index_put((idx,), x[idx] - penalty)
+
+
+def _min_p_thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor | None:
+    """Per-row smallest logit min-p keeps ([B], -inf = keep all), or None when no row uses it:
+    p_i >= min_p * p_max  <=>  x_i >= max(x) + log(min_p). x: [B, V] scaled logits."""
+    rows = [i for i, p in enumerate(params) if not p.greedy and p.min_p > 0.0]
+    if not rows:
+        return None
+    device = x.device
+    idx = torch.tensor(rows, device=device)
+    log_min_p = torch.tensor([math.log(params[i].min_p) for i in rows], device=device)
+    threshold = torch.full((x.shape[0],), -math.inf, device=device)
+    threshold[idx] = x[idx].max(dim=-1).values + log_min_p
+    return threshold
 
 
 def _penalise(x: torch.Tensor, params: Sequence[SamplingParams],

@@ -345,3 +345,169 @@ def test_model_defaults_read_generation_config_json(tmp_path):
     assert model_defaults(tmp_path).greedy
     (tmp_path / "generation_config.json").write_text("{not json")
     assert model_defaults(tmp_path) == SamplingParams()
+
+
+# ---- masks, presence/frequency penalties, min-p, top logprobs ---------------------------------
+
+
+def reference_full(logits: torch.Tensor, p: SamplingParams, history: list[int],
+                   output: list[int], allowed: torch.Tensor | None, banned: list[int]):
+    """reference_logprobs with the row's masks first, OpenAI's penalties after the repetition
+    penalty, and min-p after top-k/top-p (float64, one token at a time). [V]"""
+    x = logits.double().cpu().clone()
+    if allowed is not None:
+        x[~allowed] = -math.inf
+    for t in banned:
+        x[t] = -math.inf
+    for t in set(history) if p.repetition_penalty != 1.0 else ():
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= p.presence_penalty + p.frequency_penalty * output.count(t)
+    flat = replace(p, repetition_penalty=1.0)
+    ref = reference_logprobs(x, flat, []) if x.isfinite().all() else None
+    if ref is None:  # masked: rank only the allowed tokens
+        ok = x.isfinite()
+        ref = torch.full_like(x, -math.inf)
+        ref[ok] = reference_logprobs(x[ok], flat, [])
+    if p.min_p and not p.greedy:
+        ref = ref.masked_fill(ref < ref.max() + math.log(p.min_p) - 1e-9, -math.inf)
+        ref = ref.log_softmax(-1)
+    return ref
+
+
+NEW_MIX = [
+    SamplingParams(presence_penalty=1.5, logprobs=True, top_logprobs=5),
+    SamplingParams(frequency_penalty=0.7, presence_penalty=-0.5, temperature=0.6, logprobs=True),
+    SamplingParams(min_p=0.2, logprobs=True, top_logprobs=20),
+    SamplingParams(min_p=0.05, top_k=20, top_p=0.9, frequency_penalty=2.0, logprobs=True),
+    SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=-2.0, logprobs=True,
+                   top_logprobs=3),
+    SamplingParams(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.4,
+                   logprobs=True, top_logprobs=1),
+]
+
+
+def masks_for(B: int, V: int, seed: int) -> tuple[list, list]:
+    """Every other row masked to a random allowed set; every third row bans a few tokens."""
+    rng = torch.Generator().manual_seed(seed)
+    allowed = [torch.rand(V, generator=rng) < 0.3 if i % 2 else None for i in range(B)]
+    for a in allowed:
+        if a is not None:
+            a[int(torch.randint(V, (1,), generator=rng))] = True  # never empty
+    banned = [random.Random(seed + i).sample(range(V), 4) if i % 3 == 0 else [] for i in range(B)]
+    return allowed, banned
+
+
+def test_masks_penalties_min_p_and_top_logprobs_match_the_reference():
+    torch.manual_seed(8)
+    V = 133
+    params = NEW_MIX * 3
+    B = len(params)
+    logits = torch.randn(B, V) * 2
+    history = [random.Random(i).choices(range(V), k=i + 3) for i in range(B)]
+    outputs = [random.Random(50 + i).choices(range(20), k=i) for i in range(B)]  # repeats
+    allowed, banned = masks_for(B, V, 9)
+    gens = [make_generator(i, DEVICE) for i in range(B)]
+    out = sample(logits.to(DEVICE), params, gens, history, outputs=outputs,
+                 allowed=[None if a is None else a.to(DEVICE) for a in allowed], banned=banned)
+    assert out.top_ids.shape == (B, 20)
+    for i, p in enumerate(params):
+        ref = reference_full(logits[i], p, history[i], outputs[i], allowed[i], banned[i])
+        t = int(out.tokens[i])
+        assert math.isfinite(ref[t]), f"row {i} drew a token its masks or filters exclude"
+        if p.greedy:
+            assert t == int(ref.argmax())
+        assert abs(float(out.logprobs[i]) - float(ref[t])) < 1e-4
+        k = p.top_logprobs
+        if k:
+            want = ref.topk(k)
+            got = out.top_logprobs[i, :k].double().cpu()
+            assert torch.allclose(got, want.values, atol=1e-4, equal_nan=False)
+            assert out.top_ids[i, 0] == want.indices[0]
+
+
+def test_min_p_keeps_exactly_the_tokens_as_likely_as_min_p_times_the_best():
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    for min_p, kept in ((0.3, {0, 1, 2}), (0.5, {0, 1}), (1.0, {0}), (0.1, {0, 1, 2, 3, 4})):
+        tokens = draw(probs.log(), SamplingParams(min_p=min_p), 2000)
+        assert set(tokens.tolist()) == kept, min_p
+
+
+def test_banned_and_disallowed_tokens_are_never_drawn():
+    V = 50
+    logits = torch.zeros(V)
+    logits[7] = 10.0  # the favourite, but banned
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[3, 7, 11, 12]] = True
+    n = 500
+    rows = logits[None].expand(n, -1).to(DEVICE)
+    p = SamplingParams(temperature=2.0)
+    gens = [make_generator(i, DEVICE) for i in range(n)]
+    out = sample(rows, [p] * n, gens, [[]] * n, allowed=[allowed.to(DEVICE)] * n,
+                 banned=[[7]] * n)
+    assert set(out.tokens.tolist()) == {3, 11, 12}
+
+
+def test_frequency_penalty_discourages_repeats_by_count():
+    V = 10
+    logits = torch.zeros(1, V, device=DEVICE)
+    p = SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.5, logprobs=True)
+    # token 0 generated 3 times, token 1 once: logits -3.5, -1.5, the rest 0
+    out = sample(logits, [p], [None], [[]], outputs=[[0, 0, 1, 0]])
+    x = torch.zeros(V, dtype=torch.float64)
+    x[0], x[1] = -3.5, -1.5
+    assert int(out.tokens[0]) == 2  # the first of the unpenalised tokens
+    assert abs(float(out.logprobs[0]) - float(x.log_softmax(-1)[2])) < 1e-6
+
+
+def test_masked_rows_independent_of_their_batch():
+    """Rows with grammar masks, bans and the new penalties give the same tokens, logprobs and
+    top logprobs alone as in a batch with other (free) rows, in any order."""
+    V = 97
+    torch.manual_seed(10)
+    params = NEW_MIX + [SamplingParams(temperature=1.1, logprobs=True, top_logprobs=4)]
+    B = len(params)
+    logits = torch.randn(B, V) * 2
+    outputs = [random.Random(70 + i).choices(range(V), k=6) for i in range(B)]
+    allowed, banned = masks_for(B, V, 11)
+
+    def run(order: list[int]):
+        gens = [make_generator(100 + i, DEVICE) for i in order]
+        out = sample(logits[order].to(DEVICE), [params[i] for i in order], gens,
+                     [outputs[i] for i in order], outputs=[outputs[i] for i in order],
+                     allowed=[allowed[i] for i in order], banned=[banned[i] for i in order])
+        res = {}
+        for j, i in enumerate(order):
+            k = params[i].top_logprobs
+            top = (out.top_ids[j, :k].tolist(), out.top_logprobs[j, :k].tolist()) if k else None
+            res[i] = (int(out.tokens[j]), float(out.logprobs[j]), top)
+        return res
+
+    alone = {i: run([i])[i] for i in range(B)}
+    order = list(range(B))
+    random.Random(12).shuffle(order)
+    assert run(order) == alone
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"top_logprobs": 1}, {"top_logprobs": 21, "logprobs": True},
+    {"top_logprobs": -1, "logprobs": True}, {"top_logprobs": 2.0, "logprobs": True},
+    {"presence_penalty": 2.5}, {"presence_penalty": -2.01}, {"frequency_penalty": math.nan},
+    {"frequency_penalty": "1"}, {"min_p": -0.1}, {"min_p": 1.5}, {"min_p": math.inf},
+    {"min_new_tokens": -1}, {"min_new_tokens": 65}, {"min_new_tokens": 1.0},
+    {"truncate_prompt_tokens": 0}, {"truncate_prompt_tokens": 2.5},
+    {"structured": "json"}, {"logprobs": 1},
+])
+def test_invalid_new_params_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_valid_new_params():
+    from nora_runtime.structured import StructuredOutput
+
+    p = SamplingParams(logprobs=True, top_logprobs=20, presence_penalty=-2, frequency_penalty=2,
+                       min_p=1.0, min_new_tokens=64, truncate_prompt_tokens=1,
+                       structured=StructuredOutput.json_schema({"type": "object"}))
+    hash(p)
+    assert p.structured.spec == '{"type": "object"}'

@@ -97,13 +97,29 @@ def _generation_flags(p: argparse.ArgumentParser, max_new_tokens: int | None = N
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--time-limit", type=float, help="seconds")
+    p.add_argument("--presence-penalty", type=float, help="in [-2, 2] (OpenAI's)")
+    p.add_argument("--frequency-penalty", type=float, help="in [-2, 2] (OpenAI's)")
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--truncate-input-tokens", type=int, default=0,
+                   help="keep only the input's last N tokens")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--json-object", action="store_true", help="answer with a JSON object")
+    f.add_argument("--json-schema", type=Path, help="a JSON schema file the answer follows")
+    f.add_argument("--regex", help="a regex the whole answer matches")
 
 
 def _params(args) -> dict:
     params = dict(adapter_id=args.adapter, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                  time_limit=args.time_limit)
+                  time_limit=args.time_limit, presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty, min_p=args.min_p,
+                  min_new_tokens=args.min_new_tokens,
+                  truncate_input_tokens=args.truncate_input_tokens,
+                  json_object=args.json_object, regex=args.regex)
+    if args.json_schema is not None:
+        params["json_schema"] = args.json_schema.read_text()
     if args.adapter_file is not None:
         params["adapter_bytes"] = args.adapter_file.read_bytes()
     return params

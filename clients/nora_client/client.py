@@ -106,11 +106,20 @@ def generate_request(prompt: Prompt | None = None, *, messages: Messages | None 
                      stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                      time_limit: float | None = None, logprobs: bool = False,
                      input_tokens: bool = False,
-                     request_id: str = "") -> nora_pb2.GenerateRequest:
+                     request_id: str = "", n: int | None = None,
+                     presence_penalty: float | None = None,
+                     frequency_penalty: float | None = None, min_p: float | None = None,
+                     min_new_tokens: int = 0, top_logprobs: int = 0,
+                     truncate_input_tokens: int = 0, json_object: bool = False,
+                     json_schema: Mapping[str, Any] | str | None = None,
+                     regex: str | None = None) -> nora_pb2.GenerateRequest:
     """A GenerateRequest; None leaves a parameter to the server's default (the model's).
     Exactly one of `prompt` (text or token ids, see `token_ids`) and `messages` (a
     conversation). At most one of `adapter_id` and `adapter_bytes` (an adapter file's
-    contents)."""
+    contents). `n`: sequences to generate (responses carry their `index`; unary: `choices`).
+    `top_logprobs` > 0 implies `logprobs`. Structured output: at most one of `json_object`
+    (any JSON object), `json_schema` (a schema as a dict or JSON text) and `regex`.
+    `truncate_input_tokens` > 0 keeps only the input's last that many tokens."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt (text or token ids) and messages")
     if adapter_id is not None and adapter_bytes is not None:
@@ -127,7 +136,9 @@ def generate_request(prompt: Prompt | None = None, *, messages: Messages | None 
     elif adapter_bytes is not None:
         req.adapter_bytes = adapter_bytes
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "repetition_penalty": repetition_penalty, "seed": seed}
+                "repetition_penalty": repetition_penalty, "seed": seed,
+                "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                "min_p": min_p, "n": n}
     for name, value in sampling.items():
         if value is not None:
             setattr(req.sampling, name, value)
@@ -137,7 +148,22 @@ def generate_request(prompt: Prompt | None = None, *, messages: Messages | None 
     req.stopping.stop_token_ids.extend(stop_token_ids)
     req.stopping.ignore_eos = ignore_eos
     req.stopping.time_limit_seconds = time_limit or 0.0
-    req.options.logprobs, req.options.input_tokens = logprobs, input_tokens
+    req.stopping.min_new_tokens = min_new_tokens
+    req.options.logprobs, req.options.input_tokens = logprobs or top_logprobs > 0, input_tokens
+    req.options.top_logprobs = top_logprobs
+    req.truncate_input_tokens = truncate_input_tokens
+    formats = [f for f, v in (("json_object", json_object), ("json_schema", json_schema),
+                              ("regex", regex)) if v not in (None, False)]
+    if len(formats) > 1:
+        raise ValueError(f"give at most one of json_object, json_schema and regex, got "
+                         f"{' and '.join(formats)}")
+    if json_object:
+        req.response_format.json_object = True
+    elif json_schema is not None:
+        req.response_format.json_schema = (json_schema if isinstance(json_schema, str)
+                                           else json.dumps(json_schema))
+    elif regex is not None:
+        req.response_format.regex = regex
     return req
 
 

@@ -10,17 +10,21 @@
 `model` is the base model's name (`ModelInfo.model`) or a named adapter's id; inline adapters
 are never models. Requests take the servicer's generation path (NoraService: validation and
 limits, the tokenizer pool, the chat template and its end-of-turn token, tenants and quotas,
-adapter holds, metrics), so both edges refuse and count alike. A request with `n` > 1 (or
-several prompts) is that many engine requests, admitted together; choice i > 0 gets a seed
-derived from `seed` (choice 0 gets `seed` itself, as with n = 1).
+adapter holds, metrics, structured output's grammar check, the fan-out of n), so both edges
+refuse and count alike. A request with `n` > 1 (or several prompts) is that many engine
+requests, admitted together; choice i > 0 gets a seed derived from `seed` (choice 0 gets `seed`
+itself, as with n = 1), as on gRPC (`choice_seed`).
 
 Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`, with the HTTP
 status of the gRPC status the shared path raises (HTTP_STATUS): 400 invalid, 401 missing or
 unknown bearer token, 404 unknown model, 413 body over --max-message-bytes, 429 busy or over
 the tenant's quota, 503 loading or draining. Parameters the engine lacks are accepted at their
-neutral values (presence_penalty 0, response_format {"type": "text"}, ...) and otherwise refused
-with a 400 naming them; so is `top_logprobs` > 0 (the engine reports the chosen token's logprob
-only). Beyond OpenAI's fields (vLLM's names): `top_k`, `repetition_penalty`, `ignore_eos`.
+neutral values (logit_bias {}, tools [], ...) and otherwise refused with a 400 naming them.
+Supported: `presence_penalty`, `frequency_penalty`, `logprobs` / `top_logprobs` (chat, up to 20;
+completions' `logprobs` up to 5), `response_format` (`text`, `json_object`, `json_schema` with
+its `schema`; on completions too; a schema that does not compile is a 400). Beyond OpenAI's
+fields (vLLM's names): `top_k`, `repetition_penalty`, `ignore_eos`, `min_p`, `min_tokens`,
+`truncate_prompt_tokens`.
 
 Served by uvicorn inside the server's event loop: `HttpApi.start` binds the socket itself (a port
 in use is a ListenError) and runs `uvicorn.Server.serve()` as a task; `stop` drains like gRPC
@@ -35,7 +39,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import socket
@@ -43,7 +46,6 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 
 import grpc
 import uvicorn
@@ -55,9 +57,17 @@ from starlette.routing import Route
 
 from nora_runtime.engine import Engine, TokenEvent
 from nora_runtime.registry import INLINE_PREFIX, AdapterNotFound
-from nora_runtime.sampling import MAX_SEED, SamplingParams
+from nora_runtime.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
+from nora_runtime.structured import StructuredOutput
 from nora_server.auth import Auth, Caller
-from nora_server.service import NoraService, _check_adapter_id, clip, status_of
+from nora_server.service import (
+    MAX_N,
+    NoraService,
+    _check_adapter_id,
+    choice_seed,
+    clip,
+    status_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +81,18 @@ HTTP_STATUS = {  # gRPC status of the shared path -> HTTP status, OpenAI error t
     Code.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     Code.UNAVAILABLE: (503, "service_unavailable"),
 }
-MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # choices per request (prompts x n)
 MAX_PROMPTS = 64
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "time_limit": "length",
           "abort": "abort", "error": "error"}
 # parameters of the engine's later features: accepted at their neutral values, else refused
 NEUTRAL = {
-    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-    "response_format": ({"type": "text"},), "logit_bias": ({},), "tools": ([],),
+    "logit_bias": ({},), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "function_call": ("none",), "audio": (),
     "prediction": (), "web_search_options": (), "modalities": (["text"],), "suffix": ("",),
     "echo": (False,),
 }
-CHAT_ONLY = {"response_format", "tools", "functions", "tool_choice", "function_call", "audio",
+CHAT_ONLY = {"tools", "functions", "tool_choice", "function_call", "audio",
              "prediction", "web_search_options", "modalities"}
 COMPLETIONS_ONLY = {"suffix", "echo"}
 
@@ -193,11 +201,17 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> tuple[Samp
     """SamplingParams of a request (unset fields: the model's defaults) and its max tokens
     (None: the rest of the context)."""
     kw: dict = {}
-    for name in ("temperature", "top_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "min_p"):
         if (value := _number(body, name)) is not None:
             kw[name] = value
     if (top_k := _int(body, "top_k")) is not None:
         kw["top_k"] = top_k
+    if (min_tokens := _int(body, "min_tokens")) is not None:
+        kw["min_new_tokens"] = min_tokens
+    if (truncate := _int(body, "truncate_prompt_tokens", low=1)) is not None:
+        kw["truncate_prompt_tokens"] = truncate
+    kw["structured"] = _response_format(body.get("response_format"))
     if (seed := _int(body, "seed", high=MAX_SEED)) is not None:
         kw["seed"] = seed
     stop = body.get("stop")
@@ -209,29 +223,56 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> tuple[Samp
                        param="stop")
     if chat:
         logprobs = _bool(body, "logprobs")
-        top = _int(body, "top_logprobs", high=20)
+        top = _int(body, "top_logprobs", high=MAX_TOP_LOGPROBS) or 0
         if top and not logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if top:
-            raise ApiError(400, "top_logprobs > 0 is not supported: the engine reports only "
-                                "the chosen token's logprob (leave top_logprobs unset or 0)",
-                           param="top_logprobs", code="unsupported_parameter")
     else:
         count = _int(body, "logprobs", high=5)
-        if count:
-            raise ApiError(400, "logprobs > 0 is not supported: the engine reports only the "
-                                "chosen token's logprob (logprobs 0)", param="logprobs",
-                           code="unsupported_parameter")
-        logprobs = count is not None
+        logprobs, top = count is not None, count or 0
     max_tokens = _int(body, "max_completion_tokens", low=1) if chat else None
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", low=1)
+    # max_tokens unset: the rest of the context, set by the caller; till then room for min_tokens
+    kw["max_new_tokens"] = max_tokens if max_tokens is not None else max(
+        defaults.max_new_tokens, kw.get("min_new_tokens", 0))
     try:
         params = dataclasses.replace(defaults, **kw, stop=tuple(stop or ()), stop_token_ids=(),
-                                     ignore_eos=_bool(body, "ignore_eos"), logprobs=logprobs)
+                                     ignore_eos=_bool(body, "ignore_eos"), logprobs=logprobs,
+                                     top_logprobs=top)
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     return params, max_tokens
+
+
+def _response_format(fmt: object) -> StructuredOutput | None:
+    """The StructuredOutput of OpenAI's response_format: {"type": "text"} (or none): None;
+    {"type": "json_object"}; {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"?}} (a missing schema: any JSON object)."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, 'response_format json_schema needs "json_schema": {"name": ..., '
+                                '"schema": {...}}', param="response_format")
+        schema = spec.get("schema")
+        if schema is None:
+            return StructuredOutput("json_object")
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, f"response_format.json_schema.schema must be a JSON schema "
+                                f"object, got {_brief(schema)}", param="response_format")
+        try:
+            return StructuredOutput.json_schema(schema)
+        except ValueError as exc:
+            raise ApiError(400, f"response_format: {exc}", param="response_format") from None
+    raise ApiError(400, 'response_format must be {"type": "text"}, {"type": "json_object"} or '
+                        f'{{"type": "json_schema", ...}}, got {_brief(fmt)}',
+                   param="response_format")
 
 
 def _conversation(body: dict) -> list[dict[str, str]]:
@@ -289,15 +330,6 @@ def _prompts(body: dict) -> list[tuple[str, object]]:
                    param="prompt")
 
 
-def choice_seed(seed: int | None, i: int) -> int | None:
-    """Choice i's seed: `seed` for choice 0 (so n = 1 and n > 1 agree on it), a hash of
-    (seed, i) for the others; None stays None (each engine request draws its own)."""
-    if seed is None or i == 0:
-        return seed
-    digest = hashlib.sha256(f"nora-choice:{seed}:{i}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
 # ---- the app ---------------------------------------------------------------------------------
 
 
@@ -311,6 +343,7 @@ class _Job:
     text: str = ""
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    tops: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
     finish: str | None = None
     completion_tokens: int = 0
     offset: int = 0  # characters of text sent (completions' text_offset)
@@ -502,6 +535,7 @@ class HttpApi:
                 raise AdapterNotFound(model) from None
         _refuse_features(body, chat)
         params, max_tokens = _sampling(body, engine.default_params, chat=chat)
+        await s.check_structured(engine, params)
         n = _int(body, "n", low=1, high=MAX_N) or 1
         stream = _bool(body, "stream")
         options = body.get("stream_options")
@@ -521,7 +555,7 @@ class HttpApi:
             try:
                 prompt_tokens = 0
                 for p, (kind, value) in enumerate(inputs):
-                    ids = await s.input_ids(engine, kind, value)
+                    ids = s.truncated(await s.input_ids(engine, kind, value), params)
                     prompt_tokens += len(ids)
                     new = max_tokens or max(1, s.max_total_tokens(engine) - len(ids))
                     s._check_lengths(engine, len(ids), new)
@@ -569,13 +603,14 @@ class HttpApi:
                     await out.event(chunk([{"index": job.index, "logprobs": None,
                                             "finish_reason": None,
                                             "delta": {"role": "assistant", "content": ""}}]))
-        async with _merge(streams) as events:
+        async with NoraService.merged(streams) as events:
             async for j, ev in events:
                 job = jobs[j]
-                tokens, logprobs = _shown_tokens(ev, job.params)
+                tokens, logprobs, tops = _shown_tokens(ev, job.params)
                 job.text += ev.text
                 job.tokens += tokens
                 job.logprobs += logprobs
+                job.tops += tops
                 if ev.finish_reason is not None:
                     job.finish = FINISH[ev.finish_reason]
                     job.completion_tokens = ev.num_output_tokens
@@ -583,7 +618,7 @@ class HttpApi:
                         raise ApiError(500, f"the engine failed: {ev.error}", type="server_error")
                 if not stream:
                     continue
-                lp = self._logprobs(engine, tokens, logprobs, job, chat) if (
+                lp = self._logprobs(engine, tokens, logprobs, tops, job, chat) if (
                     job.params.logprobs) else None
                 if ev.text or lp is not None and tokens:
                     choice = {"index": job.index, "logprobs": lp, "finish_reason": None}
@@ -601,7 +636,7 @@ class HttpApi:
             return
         choices = []
         for job in jobs:
-            lp = self._logprobs(engine, job.tokens, job.logprobs, job, chat) if (
+            lp = self._logprobs(engine, job.tokens, job.logprobs, job.tops, job, chat) if (
                 job.params.logprobs) else None
             choice = {"index": job.index, "logprobs": lp, "finish_reason": job.finish}
             choice.update({"message": {"role": "assistant", "content": job.text}} if chat
@@ -611,68 +646,42 @@ class HttpApi:
                              "choices": choices, "usage": usage()})
 
     @staticmethod
-    def _logprobs(engine: Engine, tokens: list[int], logprobs: list[float], job: _Job,
-                  chat: bool) -> dict:
-        texts = [engine.tokenizer.decode([t]) for t in tokens]
+    def _logprobs(engine: Engine, tokens: list[int], logprobs: list[float],
+                  tops: list[tuple[tuple[int, float], ...]], job: _Job, chat: bool) -> dict:
+        def text(t: int) -> str:
+            return engine.tokenizer.decode([t])
+
+        texts = [text(t) for t in tokens]
+        k = job.params.top_logprobs
+        top_texts = [[(text(t), lp) for t, lp in top] for top in tops] if k else []
         if chat:
-            content = [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                       for t, lp in zip(texts, logprobs, strict=True)]
+            content = [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                        "top_logprobs": [{"token": tt, "logprob": tlp, "bytes": list(tt.encode())}
+                                         for tt, tlp in top_texts[i]] if k else []}
+                       for i, (t, lp) in enumerate(zip(texts, logprobs, strict=True))]
             return {"content": content, "refusal": None}
         offsets = []
         for t in texts:
             offsets.append(job.offset)
             job.offset += len(t)
-        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": None,
+        # legacy completions: one {token text: logprob} per position (texts may collide)
+        top = [dict(top) for top in top_texts] if k else None
+        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top,
                 "text_offset": offsets}
 
 
-def _shown_tokens(ev: TokenEvent, params: SamplingParams) -> tuple[list[int], list[float]]:
-    """An event's tokens and logprobs without the stopping token (EOS, end of turn, a stop
-    token id), which OpenAI does not report."""
+def _shown_tokens(ev: TokenEvent, params: SamplingParams) -> tuple[list[int], list[float],
+                                                                    list]:
+    """An event's tokens, logprobs and top logprobs without the stopping token (EOS, end of
+    turn, a stop token id), which OpenAI does not report."""
     tokens = list(ev.token_ids)
     logprobs = list(ev.logprobs or ())
+    tops = list(ev.top_logprobs or ())
     if tokens and (ev.finish_reason == "eos" or ev.finish_reason == "stop"
                    and tokens[-1] in params.stop_token_ids):
-        tokens, logprobs = tokens[:-1], logprobs[:len(tokens) - 1]
-    return tokens, logprobs
-
-
-@contextlib.asynccontextmanager
-async def _merge(streams: list[AsyncIterator[TokenEvent]]):
-    """(stream index, event) of several event streams as they come; leaving the block closes
-    every stream (aborting its engine request)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, events: AsyncIterator[TokenEvent]) -> None:
-        try:
-            async with aclosing(events):
-                async for ev in events:
-                    queue.put_nowait((i, ev, None))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            queue.put_nowait((i, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
-
-    async def merged():
-        left = len(tasks)
-        while left:
-            i, ev, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if ev.finish_reason is not None:
-                left -= 1
-            yield i, ev
-
-    gen = merged()
-    try:
-        yield gen
-    finally:
-        await gen.aclose()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        n = len(tokens) - 1
+        tokens, logprobs, tops = tokens[:n], logprobs[:n], tops[:n]
+    return tokens, logprobs, tops
 
 
 class _Responder:

@@ -39,8 +39,15 @@ quote input quote a shortened repr (`brief`).
 A client's cancellation or deadline cancels the handler; leaving `generate_async` then aborts
 the engine request, which frees its KV blocks and adapter slot within one step.
 
+A request with `sampling.n` > 1 is n engine requests, admitted together and run as one
+(`merged`: leaving it aborts them all); sequence i > 0 gets a seed derived from the request's
+(`choice_seed`). `response_format` is compiled and checked on the tokenizer workers before the
+request is queued (a bad schema is INVALID_ARGUMENT), `truncate_input_tokens` cuts the input
+from the left before the length checks.
+
 The generation path below the proto conversion (`serving_engine`, `admitted`, `input_ids`,
-`chat_stops`, `hold`, `events`) is shared with the OpenAI-compatible HTTP API (http_api.py),
+`truncated`, `check_structured`, `chat_stops`, `hold`, `events`, `merged`, `choice_seed`) is
+shared with the OpenAI-compatible HTTP API (http_api.py),
 which maps the same exceptions to HTTP statuses.
 """
 
@@ -50,11 +57,13 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import inspect
 import logging
 import math
 import time
-from collections import Counter
+import uuid
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 
@@ -79,6 +88,7 @@ from nora_runtime.registry import (
     RegistryFull,
 )
 from nora_runtime.sampling import SamplingParams
+from nora_runtime.structured import StructuredOutput
 from nora_server import __version__
 from nora_server.auth import Auth, Caller
 from nora_server.config import ServerConfig
@@ -99,6 +109,7 @@ FINISH = {  # engine finish reason -> proto enum, metrics label
 
 MAX_STATUS_BYTES = 1024  # status messages are cut to this much UTF-8
 MAX_PATH_BYTES = 4096  # LoadAdapter paths (Linux's PATH_MAX)
+MAX_N = 16  # sequences per request (gRPC's sampling.n, HTTP's n per prompt)
 
 
 # How a handler learns that its RPC is over: grpc.aio cancels the handler's task while it
@@ -344,10 +355,21 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     @rpc("Generate")
     async def Generate(self, request, context, caller: Caller) -> nora_pb2.GenerateResponse:
         parts = [part async for part in self._generate(request, caller)]
-        out = nora_pb2.GenerateResponse()
+        if _n(request) == 1:
+            return _joined(parts)
+        by_index: defaultdict[int, list] = defaultdict(list)
         for part in parts:
-            out.MergeFrom(part)  # appends token ids and logprobs; set scalars of later parts win
-        out.text = "".join(part.text for part in parts)
+            by_index[part.index].append(part)
+        first = parts[0]
+        out = nora_pb2.GenerateResponse(request_id=first.request_id, adapter_id=first.adapter_id,
+                                        input_token_ids=first.input_token_ids)
+        for i in sorted(by_index):
+            choice = _joined(by_index[i])
+            choice.ClearField("input_token_ids")
+            out.choices.append(choice)
+        out.usage.prompt_tokens = out.choices[0].usage.prompt_tokens
+        out.usage.completion_tokens = sum(c.usage.completion_tokens for c in out.choices)
+        out.usage.queue_seconds = min(c.usage.queue_seconds for c in out.choices)
         return out
 
     @rpc("GenerateStream")
@@ -362,6 +384,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         arrival = time.monotonic()  # latency metrics count from here
         engine = self.serving_engine()
         params = _sampling_params(request, engine.default_params)
+        n = _n(request)
         input_kind = _input_kind(request)  # before admission: a request without input is bad
         time_limit = request.stopping.time_limit_seconds
         if not (math.isfinite(time_limit) and time_limit >= 0):
@@ -371,26 +394,37 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         which = request.WhichOneof("adapter")
         if which == "adapter_id":
             _check_adapter_id(request.adapter_id)
-        with self.admitted(caller.tenant):
-            hold = None  # the adapter's slot, held until the engine request takes it over
+        with self.admitted(caller.tenant, n):
+            holds = []  # the adapter's slots, held until the engine requests take them over
             try:
                 ids = await self.input_ids(engine, input_kind, _input_value(request, input_kind))
+                ids = self.truncated(ids, params)
                 self._check_lengths(engine, len(ids), params.max_new_tokens)
+                await self.check_structured(engine, params)
                 params, end_of_turn = await self.chat_stops(engine, input_kind, params)
-                hold = await self.hold(engine, getattr(request, which) if which else None)
-                adapter_id = hold.id if hold is not None else ""
+                for _ in range(n):
+                    holds.append(await self.hold(engine, getattr(request, which) if which
+                                                 else None))
+                adapter_id = holds[0].id if holds[0] is not None else ""
                 deadline = time.monotonic() + time_limit if time_limit > 0 else None
-                events = self.events(engine, ids, params, hold, tenant=caller.tenant,
-                                     end_of_turn=end_of_turn, deadline=deadline,
-                                     request_id=request.request_id or None, arrival=arrival)
+                rid = request.request_id or (uuid.uuid4().hex if n > 1 else None)
+                streams = [self.events(engine, ids, dataclasses.replace(
+                    params, seed=choice_seed(params.seed, i)), hold, tenant=caller.tenant,
+                    end_of_turn=end_of_turn, deadline=deadline,
+                    request_id=rid if n == 1 else f"{rid}/{i}", arrival=arrival)
+                    for i, hold in enumerate(holds)]
                 first = True
-                async with aclosing(events):  # leaving early aborts the engine request
-                    async for ev in events:
-                        yield self._response(ev, adapter_id, ids if first else None, request)
+                async with self.merged(streams) as events:  # leaving early aborts them all
+                    async for i, ev in events:
+                        out = self._response(ev, adapter_id, ids if first else None, request)
+                        if n > 1:
+                            out.request_id, out.index = rid, i
+                        yield out
                         first = False
             finally:
-                if hold is not None:  # never submitted (an error or cancel came first)
-                    hold.release()
+                for hold in holds:
+                    if hold is not None:  # never submitted (an error or cancel came first)
+                        hold.release()
 
     # ---- the generation path both edges share (gRPC here, HTTP in http_api.py) ------------
 
@@ -437,6 +471,62 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         if max(ids) >= vocab or min(ids) < 0:
             raise ValueError(f"token ids must be in [0, {vocab}) (the vocabulary size)")
         return ids
+
+    @staticmethod
+    def truncated(ids: list[int], params: SamplingParams) -> list[int]:
+        """The input's last params.truncate_prompt_tokens ids (all of them when unset): cut
+        before the length checks, so that a long conversation still fits."""
+        keep = params.truncate_prompt_tokens
+        return ids[-keep:] if keep is not None else ids
+
+    async def check_structured(self, engine: Engine, params: SamplingParams) -> None:
+        """Compile and check params.structured on the tokenizer workers (ValueError for a bad
+        schema or regex), so that the engine finds it compiled."""
+        if params.structured is not None:
+            await self.text_pool.run(engine.check_structured, params.structured)
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def merged(streams: list[AsyncIterator[TokenEvent]]):
+        """(stream index, event) of several engine requests' event streams as they come;
+        leaving the block closes every stream (aborting its engine request). One stream is
+        iterated as it is."""
+        if len(streams) == 1:
+            async with aclosing(streams[0]) as events, aclosing(_indexed(events)) as indexed:
+                yield indexed
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, events: AsyncIterator[TokenEvent]) -> None:
+            try:
+                async with aclosing(events):
+                    async for ev in events:
+                        queue.put_nowait((i, ev, None))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                queue.put_nowait((i, None, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
+
+        async def merged():
+            left = len(tasks)
+            while left:
+                i, ev, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if ev.finish_reason is not None:
+                    left -= 1
+                yield i, ev
+
+        gen = merged()
+        try:
+            yield gen
+        finally:
+            await gen.aclose()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def chat_stops(self, engine: Engine, kind: str,
                          params: SamplingParams) -> tuple[SamplingParams, tuple[int, ...]]:
@@ -520,6 +610,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                                         token_ids=ev.token_ids, adapter_id=adapter_id)
         if ev.logprobs is not None:
             out.logprobs.extend(ev.logprobs)
+        for top in ev.top_logprobs or ():
+            out.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
         if input_ids is not None and request.options.input_tokens:
             out.input_token_ids.extend(input_ids)
         if ev.finish_reason is not None:
@@ -699,23 +791,72 @@ def _input_kind(request) -> str:
     return given[0]
 
 
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+MODEL_DEFAULT_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+SAMPLING_FIELDS = (*MODEL_DEFAULT_FIELDS, "presence_penalty", "frequency_penalty", "min_p")
 
 
 def _sampling_params(request, defaults: SamplingParams) -> SamplingParams:
     """SamplingParams of a GenerateRequest; unset fields take `defaults` (the model's). Invalid
     values raise ValueError (INVALID_ARGUMENT)."""
-    s, stop = request.sampling, request.stopping
+    s, stop, options = request.sampling, request.stopping, request.options
     kw = {f: getattr(s, f) for f in SAMPLING_FIELDS if s.HasField(f)}
     if stop.HasField("max_new_tokens"):
         kw["max_new_tokens"] = stop.max_new_tokens
-    return dataclasses.replace(defaults, **kw, stop=tuple(stop.stop),
-                               stop_token_ids=tuple(stop.stop_token_ids),
-                               ignore_eos=stop.ignore_eos, logprobs=request.options.logprobs)
+    return dataclasses.replace(
+        defaults, **kw, stop=tuple(stop.stop), stop_token_ids=tuple(stop.stop_token_ids),
+        ignore_eos=stop.ignore_eos, logprobs=options.logprobs,
+        top_logprobs=options.top_logprobs, min_new_tokens=stop.min_new_tokens,
+        truncate_prompt_tokens=request.truncate_input_tokens or None,
+        structured=_structured(request.response_format))
+
+
+def _structured(fmt) -> StructuredOutput | None:
+    """The StructuredOutput of a ResponseFormat (None: free text)."""
+    which = fmt.WhichOneof("format")
+    if which is None:
+        return None
+    if which == "json_object":
+        if not fmt.json_object:
+            raise ValueError("response_format.json_object must be true (leave response_format "
+                             "unset for free text)")
+        return StructuredOutput("json_object")
+    return StructuredOutput(which, getattr(fmt, which))
+
+
+def _n(request) -> int:
+    """Sequences a GenerateRequest asks for (sampling.n; unset or 0: 1)."""
+    n = request.sampling.n or 1
+    if n > MAX_N:
+        raise ValueError(f"n must be in [1, {MAX_N}], got {n}")
+    return n
+
+
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """Sequence i's seed: `seed` for sequence 0 (so n = 1 and n > 1 agree on it), a hash of
+    (seed, i) for the others; None stays None (each engine request draws its own)."""
+    if seed is None or i == 0:
+        return seed
+    digest = hashlib.sha256(f"nora-choice:{seed}:{i}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+async def _indexed(events: AsyncIterator[TokenEvent]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async for ev in events:
+        yield 0, ev
+
+
+def _joined(parts: list[nora_pb2.GenerateResponse]) -> nora_pb2.GenerateResponse:
+    """One sequence's stream messages as one message: text joined, tokens, logprobs and top
+    logprobs appended, the last part's finish reason and usage."""
+    out = nora_pb2.GenerateResponse()
+    for part in parts:
+        out.MergeFrom(part)  # appends repeated fields; set scalars of later parts win
+    out.text = "".join(part.text for part in parts)
+    return out
 
 
 def _sampling_proto(params: SamplingParams) -> nora_pb2.SamplingParameters:
-    kw = {f: getattr(params, f) for f in SAMPLING_FIELDS if getattr(params, f) is not None}
+    kw = {f: getattr(params, f) for f in MODEL_DEFAULT_FIELDS if getattr(params, f) is not None}
     return nora_pb2.SamplingParameters(**kw)
 
 
