@@ -63,7 +63,8 @@ ROWS = [("lora_mixed_vs_base_b128_ratio", "x"), ("norapp_mixed_vs_base_b128_rati
         ("lora_floor_ratio", "x"), ("forward_lora_vs_base_b128_ratio", "x"),
         ("forward_norapp_vs_base_b128_ratio", "x"), ("base_b128_ms", "ms"),
         ("lora_b128_ms", "ms"), ("norapp_b128_ms", "ms"), ("lora_load_ms_p50", "ms"),
-        ("lora_load_ms_p99", "ms"), ("peft_mixed8_vs_base_b128_ratio", "x")]
+        ("lora_load_ms_p99", "ms"), ("peft_mixed8_vs_base_b128_ratio", "x"),
+        ("kernels_layer_default_us", "us"), ("kernels_layer_per_token_us", "us")]
 
 
 def peft_lora_bytes(cfg, seed: int, dtype: torch.dtype = torch.bfloat16) -> bytes:
@@ -147,6 +148,50 @@ def bench_runner(ckpt: Path, cfg, res: dict, smoke: bool) -> None:
               f"{res['lora_floor_ratio']:.3f}x)", flush=True)
 
 
+def bench_kernels(ckpt: Path, cfg, res: dict, smoke: bool) -> None:
+    """lora_forward alone on each projection's shape: B tokens on B distinct r = 16 pool rows,
+    the default tuning against one program per token (the first kernel's launch: split = K,
+    block_k 128, block_n 64) and a few alternatives; microseconds and GB/s of factors read."""
+    from nora_runtime.kernels.lora import lora_forward, lora_ref
+
+    B = SMOKE_B if smoke else BATCH
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    variants = {"default": {}, "per_token": {"block_k": 128, "block_n": 64, "split": None},
+                "split_4x": {"split": 1024}, "split_16x": {"split": 256},
+                "block_n_128": {"block_n": 128}, "block_n_512": {"block_n": 512},
+                "warps_8": {"num_warps": 8}}
+    total = {v: 0.0 for v in variants}
+    for m, (n_in, n_out) in projection_shapes(cfg).items():
+        A = torch.randn(B + 1, RANK, n_in, device=dev).to(dtype) * n_in ** -0.5
+        Bf = torch.randn(B + 1, n_out, RANK, device=dev).to(dtype) * 0.01
+        scale = torch.full((B + 1,), 2.0, device=dev)
+        idx = torch.arange(1, B + 1, dtype=torch.int32, device=dev)
+        x = torch.randn(B, n_in, device=dev).to(dtype)
+        y = torch.randn(B, n_out, device=dev).to(dtype)
+        want = lora_ref(y.clone(), x, A, Bf, scale, idx).float()
+        factors = B * RANK * (n_in + n_out) * A.element_size()
+        for v, kw in variants.items():
+            kw = dict(kw)
+            if v == "per_token":
+                kw["split"] = 1 << (n_in - 1).bit_length()
+            got = lora_forward(y.clone(), x, A, Bf, scale, idx, **kw).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            args = (y, x, A, Bf, scale, idx)
+            us = device_ms(lambda args=args, kw=kw: lora_forward(*args, **kw)) * 1e3
+            total[v] += us
+            res[f"kernel_{m}_{v}_us"] = us
+            res[f"kernel_{m}_{v}_gbs"] = factors / (us * 1e-6) / 1e9
+            res[f"kernel_{m}_{v}_rel_err"] = err
+        print(f"{m:9s} K {n_in:6d} N {n_out:6d}  " + "  ".join(
+            f"{v} {res[f'kernel_{m}_{v}_us']:6.1f} us ({res[f'kernel_{m}_{v}_gbs']:5.0f} GB/s)"
+            for v in ("per_token", "default")), flush=True)
+    for v, us in total.items():
+        res[f"kernels_layer_{v}_us"] = us
+    print("one layer, all seven projections: " + ", ".join(
+        f"{v} {us:.0f} us" for v, us in total.items()), flush=True)
+
+
 def bench_load(ckpt: Path, cfg, res: dict, smoke: bool) -> None:
     ecfg = EngineConfig(model=str(ckpt), load_format="dummy", max_num_seqs=8,
                         max_model_len=256, max_num_batched_tokens=256, kv_memory_fraction=0.05,
@@ -214,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                argv if argv is not None else sys.argv[1:]),
            "rows": [], "detail": res}
 
-    run_parts({"runner": bench_runner, "load": bench_load, "peft": bench_peft},
+    run_parts({"runner": bench_runner, "load": bench_load, "peft": bench_peft,
+               "kernels": bench_kernels},
               args.parts.split(","), cfg, res, args.smoke, doc, ROWS, args.out)
     print(f"\n{'row':36s} {'value':>10s}")
     for r in doc["rows"]:

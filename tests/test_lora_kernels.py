@@ -90,6 +90,39 @@ def test_shrink_zero_rows_and_padded_ranks(dtype):
     check(h, want, torch.float32 if dtype == torch.float32 else dtype)
 
 
+@pytest.mark.parametrize("split", [1, 8, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_split_partial_sums_add_up(dtype, split):
+    """The shrink's K columns split over programs (1 to all in one; 40 columns in 40, 5, 3, 1
+    parts, the last one ragged): the expand adds the partial sums to the same result."""
+    T, K, N, R = 9, 40, 33, 5
+    x = torch.randn(T, K, device=DEVICE).to(dtype)
+    y0 = torch.randn(T, N, device=DEVICE).to(dtype)
+    A, B, scale = make_pool(K, N, R, dtype, seed=2)
+    idx = make_idx(T, "some_none", seed=3)
+    want = ref64(y0, x, A, B, scale, idx)
+    check(lora_forward(y0.clone(), x, A, B, scale, idx, split=split, block_k=16, block_n=16),
+          want, dtype)
+    h = lora_shrink(x, A, idx, split=split)
+    assert h.shape == (T, R)
+    check(lora_expand(y0.clone(), h, B, scale, idx), want, dtype)
+    with pytest.raises(ValueError, match="power of two"):
+        lora_shrink(x, A, idx, split=12)
+
+
+def test_k_split_choice():
+    """Decode steps split K so that about SHRINK_PROGRAMS programs stream the A rows; long
+    prompts keep one program per token; a split is a power of two covering whole blocks."""
+    from nora_runtime.kernels.lora import MAX_SPLITS, k_split
+
+    assert k_split(128, 4096, 256) == 512  # 8 splits: 1,024 programs
+    assert k_split(128, 14336, 256) == 2048  # 7 splits
+    assert k_split(1, 4096, 256) == 256  # at most MAX_SPLITS per token: 16 here
+    assert 4096 // k_split(1, 4096, 128) == MAX_SPLITS
+    assert k_split(4096, 4096, 256) == 4096  # one program per token
+    assert k_split(3, 7, 8) == 8
+
+
 def test_expand_into_a_column_slice_of_a_fused_output():
     """The model adds gate and up deltas into the two halves of one [T, 2I] gate-up output."""
     T, K, N, R = 7, 16, 33, 4
