@@ -110,6 +110,7 @@ FINISH = {  # engine finish reason -> proto enum, metrics label
 MAX_STATUS_BYTES = 1024  # status messages are cut to this much UTF-8
 MAX_PATH_BYTES = 4096  # LoadAdapter paths (Linux's PATH_MAX)
 MAX_N = 16  # sequences per request (gRPC's sampling.n, HTTP's n per prompt)
+RELOAD_WAITS = 3  # a request waits for others' reloads of its adapter this often, then reloads
 
 
 # How a handler learns that its RPC is over: grpc.aio cancels the handler's task while it
@@ -274,10 +275,18 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         self._longest: tuple[Engine, int] | None = None  # longest token in bytes, per engine
         self.text_pool = WorkerPool("tokenizer", config.tokenize_threads, config.tokenize_queue)
         self.adapter_pool = WorkerPool("adapter", 4, 64)
+        # Reloads of named adapters from the store (evicted to make room for others) have their
+        # own workers and no tighter bound than admission's: one reload per id runs at a time,
+        # and every request that needs the id meanwhile waits for it (`_reloads`), so at most
+        # one call per request in flight is ever pending. Under inline traffic's bound, 256
+        # requests on 1,000 Zipf-popular LoRAs answered RESOURCE_EXHAUSTED to a quarter.
+        self.reload_pool = WorkerPool("adapter reload", 4, config.max_concurrent_requests)
+        self._reloads: dict[tuple[Engine, str], asyncio.Future] = {}
 
     def close(self) -> None:
         self.text_pool.close()
         self.adapter_pool.close()
+        self.reload_pool.close()
 
     def caller(self, context, *, admin: bool = False) -> Caller:
         """The caller of the RPC of `context`; RpcError unless it may call it."""
@@ -544,14 +553,31 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     async def hold(self, engine: Engine, adapter: str | bytes | None) -> AdapterHold | None:
         """Hold the adapter's slot until an engine request takes the hold over (`events`), so
         that no other load can evict it in between: a resident named adapter at once; inline
-        bytes (validated) and a named adapter reloaded from the store on the adapter workers.
+        bytes (validated) on the adapter workers; a named adapter evicted to the store is
+        reloaded on the reload workers, once for all the requests that want it meanwhile.
         None or "": the base model. The caller releases a hold it never hands to `events`."""
         if adapter is None or adapter == "":
             return None
-        hold = engine.registry.try_hold(adapter) if isinstance(adapter, str) else None
-        if hold is None:
-            hold = await engine.hold_adapter_async(adapter, run=self.adapter_pool.run)
-        return hold
+        if not isinstance(adapter, str):
+            return await engine.hold_adapter_async(adapter, run=self.adapter_pool.run)
+        key = (engine, adapter)
+        for _ in range(RELOAD_WAITS):
+            if (hold := engine.registry.try_hold(adapter)) is not None:
+                return hold
+            if (running := self._reloads.get(key)) is None:
+                break
+            # another request reloads it; its hold keeps the adapter resident until that
+            # request is submitted, so try_hold finds it then. asyncio.wait neither raises the
+            # reload's error (we try ourselves) nor cancels it if we are cancelled.
+            await asyncio.wait([running])
+        future = asyncio.ensure_future(engine.hold_adapter_async(adapter,
+                                                                 run=self.reload_pool.run))
+        self._reloads[key] = future
+        try:
+            return await future
+        finally:
+            if self._reloads.get(key) is future:
+                del self._reloads[key]
 
     async def events(self, engine: Engine, ids: list[int], params: SamplingParams,
                      hold: AdapterHold | None, *, tenant: str,

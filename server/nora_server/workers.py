@@ -35,6 +35,7 @@ class WorkerPool:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0  # queued or running, until the call returns (even if nobody waits)
+        self.calls = 0  # calls accepted so far
         for i in range(threads):
             threading.Thread(target=self._work, name=f"nora-{name}-{i}", daemon=True).start()
 
@@ -51,6 +52,7 @@ class WorkerPool:
                 raise Busy(f"the {self.name} workers are busy ({self._pending} calls running "
                            "or queued); retry later")
             self._pending += 1
+            self.calls += 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((loop, future, fn, args, kwargs))
