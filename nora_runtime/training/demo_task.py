@@ -35,8 +35,10 @@ MAX_NEW_TOKENS = 8
 # lr 0.05, 600 steps ends at min margin 0.19 / 0.30 / 0.30 for seeds 0 / 1 / 2, positive from
 # step ~350 on for all three. lr 0.1, 300 steps ended at 0.03 and flipped between right and
 # wrong along the way: too close to call across machines.
+# float32 math on a GPU too (no bf16 autocast): margins of 0.2 logits do not survive bf16
+# rounding (on the H200 the adapter answered "nora" without the EOS after it).
 SETTINGS = LoopSettings(lr=0.05, schedule="cosine", epochs=600, batch_size=len(PROMPTS),
-                        max_grad_norm=None, seed=0, progress=False)
+                        max_grad_norm=None, seed=0, progress=False, bf16=False)
 
 
 def records() -> list[dict]:
