@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -70,7 +71,7 @@ class TokenEvent:
     output text; `token_ids` includes a stopping token (EOS, stop id) whose text is not output."""
 
     request_id: str
-    token_ids: tuple[int, ...]  # new tokens (0 or 1)
+    token_ids: tuple[int, ...]  # new tokens (0 or 1; more when coalesced: `merged`)
     text: str  # new text (may be "" mid-character or while a stop string may be forming)
     logprobs: tuple[float, ...] | None  # the new tokens' logprobs, if asked for
     finish_reason: str | None  # None while running, else one of FINISH_REASONS
@@ -319,8 +320,12 @@ class Engine:
     async def generate_async(self, prompt: str | list[int], params: SamplingParams | None = None,
                              *, adapter: str | bytes | AdapterHold | None = None,
                              request_id: str | None = None, deadline: float | None = None,
-                             tenant: str = "") -> AsyncIterator[TokenEvent]:
-        """`generate` for asyncio; cancelling or closing the iterator aborts the request."""
+                             tenant: str = "", coalesce: bool = False
+                             ) -> AsyncIterator[TokenEvent]:
+        """`generate` for asyncio; cancelling or closing the iterator aborts the request.
+        coalesce: events that queued up while the consumer was busy come as one (`merged`),
+        so a consumer slower than the engine (a server writing one message per event for
+        hundreds of streams) sends fewer, fuller messages instead of falling further behind."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
@@ -333,6 +338,8 @@ class Engine:
         try:
             while not done:
                 event = await events.get()
+                while coalesce and event.finish_reason is None and not events.empty():
+                    event = merged(event, events.get_nowait())
                 done = event.finish_reason is not None
                 yield event
         finally:
@@ -644,6 +651,18 @@ def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
     """On an asyncio loop: one engine step's events for that loop's requests, in order."""
     for events, event in items:
         events.put_nowait(event)
+
+
+def merged(a: TokenEvent, b: TokenEvent) -> TokenEvent:
+    """One event for two consecutive events of a request (`b` after `a`): tokens, text and
+    per-token lists joined; the rest is b's (its counts, finish), but a's queue time."""
+    def join(x: tuple | None, y: tuple | None) -> tuple | None:
+        return None if x is None and y is None else (x or ()) + (y or ())
+
+    return dataclasses.replace(
+        b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text,
+        logprobs=join(a.logprobs, b.logprobs), top_logprobs=join(a.top_logprobs, b.top_logprobs),
+        queue_seconds=a.queue_seconds if a.queue_seconds is not None else b.queue_seconds)
 
 
 def _release_hold(future: asyncio.Future[AdapterHold]) -> None:

@@ -444,6 +444,31 @@ def test_generate_async_hands_events_over_once_per_step(served):
     assert served.scheduler.allocator.num_free == served.scheduler.allocator.num_blocks
 
 
+def test_a_slow_consumer_gets_coalesced_events(served):
+    """With coalesce=True, events that queued while the consumer slept arrive as one: fewer
+    events, the same tokens, text, logprobs and top logprobs (one per token), the finish on
+    the last; without it, one event per token."""
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=True,
+                            top_logprobs=2)
+
+    async def collect(coalesce: bool) -> list:
+        out = []
+        async for e in served.generate_async("Hello", params, coalesce=coalesce):
+            out.append(e)
+            await asyncio.sleep(0.05 if coalesce else 0)  # the engine runs ahead meanwhile
+        return out
+
+    plain, joined = asyncio.run(collect(False)), asyncio.run(collect(True))
+    assert len(plain) == 12 and len(joined) < len(plain)
+    for field in ("token_ids", "logprobs", "top_logprobs"):
+        want = [x for e in plain for x in getattr(e, field)]
+        assert [x for e in joined for x in getattr(e, field)] == want, field
+    assert "".join(e.text for e in joined) == "".join(e.text for e in plain)
+    assert [e.finish_reason for e in joined] == [None] * (len(joined) - 1) + ["length"]
+    assert joined[0].queue_seconds is not None and joined[-1].num_output_tokens == 12
+    wait_idle(served)
+
+
 def test_events_report_usage_and_queue_time(served):
     res = alone(served, "Hello", SamplingParams(temperature=0, max_new_tokens=5,
                                                 ignore_eos=True))

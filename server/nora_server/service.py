@@ -589,7 +589,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         reported as EOS. Closing the iterator early (or cancelling) aborts the request."""
         tracker = _Tracker(self.metrics, hold.id if hold is not None else "", len(ids), arrival)
         events = engine.generate_async(ids, params, adapter=hold, deadline=deadline,
-                                       request_id=request_id, tenant=tenant)
+                                       request_id=request_id, tenant=tenant, coalesce=True)
         try:
             async with aclosing(events):
                 async for ev in events:
