@@ -22,6 +22,8 @@ def test_bench_lora_smoke(tmp_path):
     assert json.loads(out.read_text())["rows"] == doc["rows"]
     assert not [k for k in doc["detail"] if k.endswith("_error")], doc["detail"]
     rows = {r["name"]: r["value"] for r in doc["rows"]}
-    assert set(rows) == {name for name, _ in bench.ROWS}
+    # every row of the default parts (the kernels part, each launch timed alone, is left to
+    # the GPU: under Triton's interpreter it takes minutes; test_lora_kernels checks them)
+    assert set(rows) == {name for name, _ in bench.ROWS if not name.startswith("kernels_")}
     assert all(v > 0 for v in rows.values())
     assert rows["lora_floor_ratio"] > 1.0
