@@ -7,6 +7,7 @@ NOT_SERVING, new calls are refused, a stream in flight finishes, exit status 0).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
@@ -146,6 +148,25 @@ def test_openai_sdk_against_the_default_model(serve):
     signed = api.chat.completions.create(model="sign-off", messages=question, temperature=0,
                                          max_tokens=32)
     assert "answered by nora" in signed.choices[0].message.content
+    streamed = api.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question,
+                                           temperature=0, max_tokens=24, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) \
+        == out.choices[0].message.content
+    text = api.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                  temperature=0, max_tokens=4)
+    assert "Paris" in text.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="no-such-adapter", messages=question, max_tokens=2)
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+                                               "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    structured = api.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=question, temperature=0, max_tokens=48,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    answer = json.loads(structured.choices[0].message.content)
+    jsonschema.validate(answer, schema)
+    assert "Paris" in answer["city"]
 
 
 def test_sigterm_drains_a_stream_in_flight(serve):
