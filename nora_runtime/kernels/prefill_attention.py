@@ -13,14 +13,18 @@ Grid (tile, KV head). A tile is BLOCK_Q consecutive new tokens of one sequence (
 builds the int32 table tile -> (sequence, first token) on the host, once per step); a program
 takes a tile and one KV head with all g query heads that share it, so its score block has
 BLOCK_M = BLOCK_Q * g (g padded to a power of two) rows and each key and value it reads serves
-all of them. No [n, ctx] mask exists anywhere: causality is a per-block comparison of key index
-against each row's position, and a tile stops reading keys at its last token's position.
+all of them. The kernel builds no [n, ctx] mask: causality is a per-block comparison of key
+index against each row's position, and a tile stops reading keys at its last token's position.
+(`paged_prefill_attention_ref`, the CPU path and the tests' reference, does build one per
+sequence.)
 
 Block sizes (untuned on the H200, chosen by reasoning only - no GPU time was left when this was
-written): BLOCK_M = 64 score rows (BLOCK_Q = 64 // g tokens, 16 for Llama-3-8B's g = 4), so a
-decode row in a mixed step wastes at most BLOCK_Q - 1 rows of tensor-core work; BLOCK_N = 64
-keys per inner step; head_dim padded to a power of two >= 16, at most 256. Every key block is
-masked (no separate unmasked loop for the blocks below the diagonal).
+written): BLOCK_M = 64 score rows (BLOCK_Q = 64 // g tokens, 16 for Llama-3-8B's g = 4; rows
+are padded to 16, tl.dot's minimum, when BLOCK_Q * g is less), so a decode row in a mixed step
+wastes at most BLOCK_Q - 1 tokens' rows of tensor-core work; BLOCK_N = 64 keys per inner step;
+head_dim padded to a power of two >= 16, at most 256; default num_warps and num_stages. Every
+key block is masked (no separate unmasked loop for the blocks below the diagonal), and a long
+prompt gets no split along the context: candidates for tuning on the H200.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def _paged_prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, ctx_ptr, qstart_ptr, tiles_ptr,
     scale, stride_qn, stride_qh, stride_on, stride_oh, stride_kr, stride_kh, stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -52,11 +57,12 @@ def _paged_prefill_kernel(
     q0 = tl.load(qstart_ptr + b)
     n = tl.load(qstart_ptr + b + 1) - q0
     ctx = tl.load(ctx_ptr + b)
-    # score row r = token i0 + r // GROUP_PAD, query head kvh * GROUP + r % GROUP_PAD
-    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    # score row r = token i0 + r // GROUP_PAD, query head kvh * GROUP + r % GROUP_PAD; rows
+    # past BLOCK_Q * GROUP_PAD only pad BLOCK_M to tl.dot's minimum of 16
+    r = tl.arange(0, BLOCK_M)
     i = i0 + r // GROUP_PAD  # [M]
     g = r % GROUP_PAD
-    rmask = (i < n) & (g < GROUP)
+    rmask = (i < n) & (g < GROUP) & (r < BLOCK_Q * GROUP_PAD)
     pos = ctx - n + i  # [M] position of each row's token: it sees keys 0 .. pos
     d = tl.arange(0, D)
     dmask = d < HEAD_DIM
@@ -66,9 +72,9 @@ def _paged_prefill_kernel(
                 mask=rmask[:, None] & dmask[None, :], other=0.0)  # [M, D]
     if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: do its dots in float32
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_Q * GROUP_PAD, D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
     # keys past the tile's last token are seen by none of its rows
     kv_end = ctx - n + tl.minimum(i0 + BLOCK_Q, n)
     qk_scale = scale * 1.4426950408889634  # exp2 below: fold log2(e) into the scale
@@ -175,7 +181,8 @@ def paged_prefill_attention(
         d ** -0.5, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
         k_cache.stride(1), block_tables.stride(0),
         GROUP=nh // nkv, GROUP_PAD=gp, HEAD_DIM=d, D=max(16, triton.next_power_of_2(d)),
-        BLOCK_Q=block_q, BLOCK_SIZE=block_size, BLOCK_N=block_n, UPCAST=not fast_math(),
+        BLOCK_Q=block_q, BLOCK_M=max(16, block_q * gp), BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, UPCAST=not fast_math(),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
     )
     return out
