@@ -22,9 +22,12 @@ Block sizes (untuned on the H200, chosen by reasoning only - no GPU time was lef
 written): BLOCK_M = 64 score rows (BLOCK_Q = 64 // g tokens, 16 for Llama-3-8B's g = 4; rows
 are padded to 16, tl.dot's minimum, when BLOCK_Q * g is less), so a decode row in a mixed step
 wastes at most BLOCK_Q - 1 tokens' rows of tensor-core work; BLOCK_N = 64 keys per inner step;
-head_dim padded to a power of two >= 16, at most 256; default num_warps and num_stages. Every
-key block is masked (no separate unmasked loop for the blocks below the diagonal), and a long
-prompt gets no split along the context: candidates for tuning on the H200.
+head_dim padded to a power of two >= 16, at most 256; num_warps 8 for d >= 128, 4 below;
+default num_stages. Compiled for sm_90a without a GPU (triton.compile + ptxas -v), bf16 d = 128
+g = 4 uses 253 registers with 8 warps and no spills (4 warps: 255 and 264 bytes of spills);
+float32 (IEEE dots, a test dtype) spills heavily either way. Every key block is masked (no
+separate unmasked loop below the diagonal), and a long prompt gets no split along the context:
+candidates for tuning on the H200.
 """
 
 from __future__ import annotations
@@ -65,11 +68,12 @@ def _paged_prefill_kernel(
     rmask = (i < n) & (g < GROUP) & (r < BLOCK_Q * GROUP_PAD)
     pos = ctx - n + i  # [M] position of each row's token: it sees keys 0 .. pos
     d = tl.arange(0, D)
-    dmask = d < HEAD_DIM
+    # a mask along d only where d is padded (a non-uniform mask would cost vector loads)
+    qmask = rmask[:, None] if HEAD_DIM == D else rmask[:, None] & (d < HEAD_DIM)[None, :]
     tok = (q0 + i).to(tl.int64)
     heads = kvh * GROUP + g
     q = tl.load(q_ptr + tok[:, None] * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)  # [M, D]
+                mask=qmask, other=0.0)  # [M, D]
     if UPCAST:  # Triton's interpreter multiplies bf16 wrongly: do its dots in float32
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -85,7 +89,7 @@ def _paged_prefill_kernel(
                       other=0).to(tl.int64)
         rows = blk * BLOCK_SIZE + keys % BLOCK_SIZE  # [BN] cache rows
         kv_off = rows[:, None] * stride_kr + kvh * stride_kh + d[None, :]
-        kvmask = kmask[:, None] & dmask[None, :]
+        kvmask = kmask[:, None] if HEAD_DIM == D else kmask[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)  # [BN, D]
         if UPCAST:
             k = k.to(tl.float32)
@@ -103,7 +107,7 @@ def _paged_prefill_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + tok[:, None] * stride_on + heads[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+             out.to(o_ptr.dtype.element_ty), mask=qmask)
 
 
 def group_pad(nh: int, nkv: int) -> int:
@@ -184,6 +188,7 @@ def paged_prefill_attention(
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * gp), BLOCK_SIZE=block_size,
         BLOCK_N=block_n, UPCAST=not fast_math(),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
+        num_warps=8 if d >= 128 else 4,
     )
     return out
 
