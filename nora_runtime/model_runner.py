@@ -193,7 +193,7 @@ class ModelRunner:
         narrow = [np.repeat(np.asarray(slots, dtype=np.int64), n), tables.ravel(), first + n]
         if lora_rows is not None:
             narrow.append(np.repeat(np.asarray(lora_rows, dtype=np.int64), n))
-        tiles = None if decode else prefill_tiles(n, self.block_q)
+        tiles = None if decode else prefill_tiles(n, self.block_q, first + n)
         if not decode:
             narrow += [q_start, tiles.ravel()]
         parts = torch.from_numpy(np.concatenate(narrow).astype(np.int32)).to(

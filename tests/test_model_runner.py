@@ -253,7 +253,8 @@ def test_prepare_matches_per_token_metadata(tmp_path):
     width = max(len(s.block_table) for s in seqs)
     assert b.block_tables.tolist() == [s.block_table + [0] * (width - len(s.block_table))
                                        for s in seqs]
-    assert b.tiles.tolist() == prefill_tiles(np.array(num_new), r.block_q).tolist()
+    assert b.tiles.tolist() == prefill_tiles(np.array(num_new), r.block_q,
+                                             np.array([16, 6, 9, 14])).tolist()
     assert b.input_ids.dtype == b.kv_index.dtype == torch.long
     assert b.slots.dtype == b.block_tables.dtype == b.tiles.dtype == torch.int32
     assert not b.is_decode

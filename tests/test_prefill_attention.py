@@ -123,6 +123,9 @@ def test_prefill_tiles():
     tiles = prefill_tiles(np.array([5, 1, 8]), 4)
     assert tiles.dtype == np.int32
     assert tiles.tolist() == [[0, 0], [0, 4], [1, 0], [2, 0], [2, 4]]
+    # with contexts: most keys read first (seq 1 decodes at 30 keys; seq 2's tiles read 12, 16)
+    tiles = prefill_tiles(np.array([5, 1, 8]), 4, np.array([5, 30, 16]))
+    assert tiles.tolist() == [[1, 0], [2, 4], [2, 0], [0, 4], [0, 0]]
     assert prefill_block_q(32, 8) == 16 and prefill_block_q(28, 4) == 8  # groups 4 and 7 -> 8
     assert prefill_block_q(4, 4) == 64
 

@@ -10,13 +10,13 @@ KV head h // g, g = nh / nkv):
 A decode row is the case n[b] = 1, so prefill and decode rows of one step share the launch.
 
 Grid (tile, KV head). A tile is BLOCK_Q consecutive new tokens of one sequence (`prefill_tiles`
-builds the int32 table tile -> (sequence, first token) on the host, once per step); a program
-takes a tile and one KV head with all g query heads that share it, so its score block has
-BLOCK_M = BLOCK_Q * g (g padded to a power of two) rows and each key and value it reads serves
-all of them. The kernel builds no [n, ctx] mask: causality is a per-block comparison of key
-index against each row's position, and a tile stops reading keys at its last token's position.
-(`paged_prefill_attention_ref`, the CPU path and the tests' reference, does build one per
-sequence.)
+builds the int32 table tile -> (sequence, first token) on the host, once per step, the tiles
+that read the most keys first); a program takes a tile and one KV head with all g query heads
+that share it, so its score block has BLOCK_M = BLOCK_Q * g (g padded to a power of two) rows
+and each key and value it reads serves all of them. The kernel builds no [n, ctx] mask:
+causality is a per-block comparison of key index against each row's position, and a tile stops
+reading keys at its last token's position. (`paged_prefill_attention_ref`, the CPU path and the
+tests' reference, does build one per sequence.)
 
 Block sizes (untuned on the H200, chosen by reasoning only - no GPU time was left when this was
 written): BLOCK_M = 64 score rows (BLOCK_Q = 64 // g tokens, 16 for Llama-3-8B's g = 4; rows
@@ -120,17 +120,25 @@ def prefill_block_q(nh: int, nkv: int, block_m: int = BLOCK_M) -> int:
     return max(1, block_m // group_pad(nh, nkv))
 
 
-def prefill_tiles(q_lens: np.ndarray, block_q: int) -> np.ndarray:
+def prefill_tiles(q_lens: np.ndarray, block_q: int,
+                  ctx_lens: np.ndarray | None = None) -> np.ndarray:
     """The tile table [T, 2] int32: (sequence, first new token) of each run of block_q new tokens
-    of each sequence, in sequence order. q_lens: [B] new tokens per sequence (>= 1)."""
+    of each sequence. q_lens: [B] new tokens per sequence (>= 1). Without ctx_lens the tiles are
+    in sequence order; with ctx_lens ([B], context after the step) the tiles that read the most
+    keys come first (a tile reads keys up to its last token's position), so that the longest
+    programs start first and the short ones fill the tail of the launch (order is free: tiles
+    write disjoint rows)."""
     q_lens = np.asarray(q_lens, dtype=np.int64)
     counts = -(-q_lens // block_q)  # tiles per sequence
     seq = np.repeat(np.arange(len(q_lens), dtype=np.int64), counts)
     first = np.cumsum(counts) - counts  # each sequence's first tile
-    tiles = np.empty((len(seq), 2), dtype=np.int32)
-    tiles[:, 0] = seq
-    tiles[:, 1] = (np.arange(len(seq)) - first[seq]) * block_q
-    return tiles
+    start = (np.arange(len(seq)) - first[seq]) * block_q  # [T] first new token of each tile
+    if ctx_lens is not None:
+        ctx = np.asarray(ctx_lens, dtype=np.int64)[seq]
+        keys = ctx - q_lens[seq] + np.minimum(start + block_q, q_lens[seq])  # [T] keys read
+        order = np.argsort(-keys, kind="stable")
+        seq, start = seq[order], start[order]
+    return np.stack([seq, start], axis=1).astype(np.int32)
 
 
 def paged_prefill_attention(
@@ -145,7 +153,7 @@ def paged_prefill_attention(
     written); block_tables: [B, max_blocks] int32; ctx_lens: [B] int32 (context after this
     step, new tokens included); q_start: [B + 1] int32 cumulative new-token counts (q_start[0]
     = 0, q_start[B] = N, every sequence >= 1 token); tiles: [T, 2] int32 from
-    `prefill_tiles(n, block_q)` with block_q = `prefill_block_q(nh, nkv)` (None: built here
+    `prefill_tiles(n, block_q, ctx)` with block_q = `prefill_block_q(nh, nkv)` (None: built here
     from q_start, which syncs with the device). Returns [N, nh, d] in q's dtype.
     """
     N, nh, d = q.shape
@@ -171,7 +179,8 @@ def paged_prefill_attention(
         block_q = prefill_block_q(nh, nkv)
     if tiles is None:
         lens = np.diff(q_start.cpu().numpy())
-        tiles = torch.from_numpy(prefill_tiles(lens, block_q)).to(q.device)
+        tiles = torch.from_numpy(prefill_tiles(lens, block_q, ctx_lens.cpu().numpy()))
+        tiles = tiles.to(q.device)
     if tiles.dtype != torch.int32 or tiles.ndim != 2 or tiles.shape[1] != 2:
         raise ValueError(f"tiles must be [T, 2] int32, got {tuple(tiles.shape)} {tiles.dtype}")
     gp = group_pad(nh, nkv)
