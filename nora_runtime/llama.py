@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from nora_runtime.kernels.paged_attention import paged_decode_attention
+from nora_runtime.kernels.prefill_attention import (
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+)
 from nora_runtime.lora_pool import LoraPool
 from nora_runtime.ops import rational_act, use_triton
 from nora_runtime.table import CoefficientTable
@@ -34,25 +37,36 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 class ForwardBatch:
     """Everything one forward step needs, as device tensors (built by the model runner).
 
-    input_ids, positions, slots: [N]; kv_index: [N] int64 flat KV-cache row of each new token
-    (block * block_size + offset); lora_rows: [N] int32 LoRA pool row of each token (0: none),
-    or None when no token has one (then no LoRA kernel runs); seqs: per sequence (first token
-    in the flat batch, new tokens, context length after this step, its cache rows [ctx] int64);
-    sample_index: [B'] rows of the flat batch whose logits are wanted. For a pure decode step
-    (one new token per sequence) also block_tables [B, max_blocks] int32 and ctx_lens [B]
-    int32, which the paged decode kernel reads instead of `seqs`.
+    input_ids, positions, slots: [N] (all sequences' new tokens, flattened in sequence order);
+    kv_index: [N] int64 flat KV-cache row of each new token (block * block_size + offset);
+    sample_index: [B'] rows of the flat batch whose logits are wanted; block_tables: [B,
+    max_blocks] int32 (entries past a sequence's blocks are ignored); ctx_lens: [B] int32
+    context length of each sequence after this step (its new tokens included); q_start: [B + 1]
+    int32 cumulative new-token counts (sequence b's tokens are rows q_start[b] ..
+    q_start[b + 1] - 1), None when every sequence has one new token; tiles: [T, 2] int32 tile
+    table of the prefill attention kernel (nora_runtime.kernels.prefill_attention, block_q
+    tokens a tile), None for a pure decode step (one new token per sequence), which the paged
+    decode kernel (and its CUDA graphs) runs; lora_rows: [N] int32 LoRA pool row of each token
+    (0: none), or None when no token has one (then no LoRA kernel runs).
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
     kv_index: torch.Tensor
-    seqs: list[tuple[int, int, int, torch.Tensor]]
     sample_index: torch.Tensor
     block_size: int
-    block_tables: torch.Tensor | None = None
-    ctx_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor
+    ctx_lens: torch.Tensor
+    q_start: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    block_q: int = 0
     lora_rows: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence (the paged decode kernel; CUDA graphs replay these)."""
+        return self.tiles is None
 
 
 def _lora(y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch, lora: LoraPool | None,
@@ -131,30 +145,21 @@ class Attention(nn.Module):
         # k_cache/v_cache: [num_blocks * block_size, nkv, d] views of this layer's cache
         k_cache.index_copy_(0, batch.kv_index, k)
         v_cache.index_copy_(0, batch.kv_index, v)
-        if batch.block_tables is not None and use_triton(q):
+        if not use_triton(q):  # CPU: per-sequence SDPA through the block tables
+            q_start = batch.q_start
+            if q_start is None:
+                q_start = torch.arange(N + 1, dtype=torch.int32, device=q.device)
+            out = paged_prefill_attention_ref(q, k_cache, v_cache, batch.block_tables,
+                                              batch.ctx_lens, q_start, batch.block_size)
+        elif batch.is_decode:
             out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.ctx_lens,
                                          batch.block_size)
-        else:
-            out = torch.empty_like(q)
-            for start, n, ctx, rows in batch.seqs:
-                out[start:start + n] = self._attend(q[start:start + n], k_cache[rows],
-                                                    v_cache[rows], ctx)
+        else:  # prompt chunks and decode rows of one step: one launch
+            out = paged_prefill_attention(q, k_cache, v_cache, batch.block_tables,
+                                          batch.ctx_lens, batch.q_start, batch.block_size,
+                                          batch.tiles, batch.block_q)
         out = out.view(N, self.nh * self.d)
         return _lora(self.o_proj(out), out, batch, lora, l, "o_proj")
-
-    def _attend(self, q, k, v, ctx: int) -> torch.Tensor:
-        """Causal attention of n new queries (the last n of ctx positions) over ctx keys.
-        q [n, nh, d], k/v [ctx, nkv, d] -> [n, nh, d]."""
-        n = q.shape[0]
-        group = self.nh // self.nkv
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        mask = None
-        if n > 1:  # query i sits at position ctx - n + i and sees keys 0..ctx - n + i
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                           v.transpose(0, 1), attn_mask=mask)
-        return o.transpose(0, 1)
 
 
 class MLP(nn.Module):

@@ -8,12 +8,15 @@ The scheduler hands it pure-Python metadata; `prepare` builds the step's device 
 from __future__ import annotations
 
 import os
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from nora_runtime.config import EngineConfig
+from nora_runtime.kernels.prefill_attention import prefill_block_q, prefill_tiles
 from nora_runtime.llama import ForwardBatch, LlamaModel, load_weights, rope_inv_freq
 from nora_runtime.lora_pool import LoraPool, projection_shapes
 from nora_runtime.ops import use_triton
@@ -111,6 +114,7 @@ class ModelRunner:
         self.model = self._load_model(checkpoint)
         attn = self.model.layers[0].self_attn
         self.block_size = config.block_size
+        self.block_q = prefill_block_q(attn.nh, attn.nkv)  # tokens a prefill-kernel tile
         self.num_blocks = self._kv_blocks(attn.nkv, attn.d)
         # one extra block past the scheduler's: padding rows of graph replays write there
         shape = (L, (self.num_blocks + 1) * self.block_size, attn.nkv, attn.d)
@@ -156,41 +160,50 @@ class ModelRunner:
 
     def prepare(self, seqs, num_new: list[int], sample: list[bool]) -> ForwardBatch:
         """Device tensors of one step. seqs: objects with .token_slice(start, stop) (known token
-        ids), .num_computed, .block_table, .slot; num_new[i] tokens of seqs[i] are computed now."""
-        ids, pos, slots, kv, meta, samp = [], [], [], [], [], []
-        lora_rows = None
-        bs = self.block_size
-        decode = all(n == 1 for n in num_new)
-        paged = decode and use_triton(self.k_cache)  # the kernel reads block tables, not rows
-        for s, n, want in zip(seqs, num_new, sample, strict=True):
-            start, first = len(ids), s.num_computed
-            ids += s.token_slice(first, first + n)
-            p = list(range(first, first + n))
-            pos += p
-            slots += [s.slot] * n
-            kv += [s.block_table[q // bs] * bs + q % bs for q in p]
-            if not paged:
-                ctx = first + n
-                rows = [s.block_table[q // bs] * bs + q % bs for q in range(ctx)]
-                meta.append((start, n, ctx, torch.tensor(rows, device=self.device)))
-            if want:
-                samp.append(start + n - 1)
+        ids), .num_computed, .block_table, .slot; num_new[i] tokens of seqs[i] are computed now.
 
+        Built from per-sequence numpy arrays (no per-token Python: the H200 profile measured
+        4.1 ms a step for the per-token lists this replaces), then copied in two transfers:
+        the int64 fields in one, the int32 fields in another."""
+        B, bs = len(seqs), self.block_size
+        n = np.asarray(num_new, dtype=np.int64)  # [B] new tokens
+        first = np.fromiter((s.num_computed for s in seqs), np.int64, B)  # [B]
+        q_start = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(n, out=q_start[1:])
+        N = int(q_start[-1])
+        decode = bool((n == 1).all())
+        ids = np.fromiter(chain.from_iterable(
+            s.token_slice(c, c + k) for s, c, k in zip(seqs, first.tolist(), num_new,
+                                                       strict=True)), np.int64, N)
+        seq_of = np.repeat(np.arange(B), n)  # [N] sequence of each token
+        pos = np.arange(N) - q_start[seq_of] + first[seq_of]  # [N]
+        lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, B)
+        tables = np.zeros((B, int(lens.max())), dtype=np.int64)  # [B, W] (0-padded)
+        tables[np.arange(tables.shape[1]) < lens[:, None]] = np.fromiter(
+            chain.from_iterable(s.block_table for s in seqs), np.int64, int(lens.sum()))
+        kv = tables[seq_of, pos // bs] * bs + pos % bs  # [N] cache rows
+        samp = q_start[1:][np.asarray(sample, dtype=bool)] - 1  # [B'] last token of each
+        slots, lora_rows = [s.slot for s in seqs], None
         if self.lora is not None:  # table slot -> coefficient slot and LoRA pool row
             slots, lora_rows = self.lora.route(slots)
 
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=self.device)
-
-        batch = ForwardBatch(t(ids, torch.long), t(pos, torch.long), t(slots, torch.int32),
-                             t(kv, torch.long), meta, t(samp, torch.long), bs)
+        # one transfer for the int64 fields, one for the int32 ones; views split them
+        wide = torch.from_numpy(np.concatenate([ids, pos, kv, samp])).to(self.device)
+        ids_t, pos_t, kv_t, samp_t = wide.split([N, N, N, len(samp)])
+        narrow = [np.repeat(np.asarray(slots, dtype=np.int64), n), tables.ravel(), first + n]
         if lora_rows is not None:
-            batch.lora_rows = t(lora_rows, torch.int32)
-        if decode:  # the paged kernel reads block tables
-            width = max(len(s.block_table) for s in seqs)
-            batch.block_tables = t([s.block_table + [0] * (width - len(s.block_table))
-                                    for s in seqs], torch.int32)
-            batch.ctx_lens = t([s.num_computed + 1 for s in seqs], torch.int32)
+            narrow.append(np.repeat(np.asarray(lora_rows, dtype=np.int64), n))
+        tiles = None if decode else prefill_tiles(n, self.block_q, first + n)
+        if not decode:
+            narrow += [q_start, tiles.ravel()]
+        parts = torch.from_numpy(np.concatenate(narrow).astype(np.int32)).to(
+            self.device).split([len(a) for a in narrow])
+        batch = ForwardBatch(ids_t, pos_t, parts[0], kv_t, samp_t, bs,
+                             parts[1].view(B, -1), parts[2], block_q=self.block_q)
+        if lora_rows is not None:
+            batch.lora_rows = parts[3]
+        if not decode:
+            batch.q_start, batch.tiles = parts[-2], parts[-1].view(-1, 2)
         return batch
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -199,7 +212,7 @@ class ModelRunner:
         B = batch.input_ids.shape[0]
         graphs = self.graphs if batch.lora_rows is None else self.lora_graphs
         size = next((b for b in sorted(graphs) if b >= B), None)
-        if batch.block_tables is None or size is None or batch.sample_index.shape[0] != B:
+        if not batch.is_decode or size is None or batch.sample_index.shape[0] != B:
             return self.model(batch, self.k_cache, self.v_cache)
         st = self._static
         pad = (self.num_blocks * self.block_size, self.num_blocks)  # scratch row and block
@@ -240,9 +253,9 @@ class ModelRunner:
         for graphs, with_lora in sets:
             for b in reversed(sizes):  # largest first, so smaller graphs reuse its memory
                 batch = ForwardBatch(st["ids"][:b], st["pos"][:b], st["slots"][:b],
-                                     st["kv"][:b], [], st["sample"][:b], self.block_size,
+                                     st["kv"][:b], st["sample"][:b], self.block_size,
                                      st["tables"][:b], st["ctx"][:b],
-                                     st["lora"][:b] if with_lora else None)
+                                     lora_rows=st["lora"][:b] if with_lora else None)
                 self.model(batch, self.k_cache, self.v_cache)  # warm-up: compile kernels
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -17,6 +18,7 @@ from transformers import (
 
 from nora_runtime.config import EngineConfig
 from nora_runtime.convert import convert_model
+from nora_runtime.kernels.prefill_attention import prefill_tiles
 from nora_runtime.model_runner import ModelRunner
 from nora_runtime.tiny import byte_tokenizer
 
@@ -214,3 +216,66 @@ def test_dummy_load_format_needs_only_a_config(tmp_path):
     s = Seq([5, 6, 7], [0])
     step(r, [s], [3])
     assert torch.isfinite(s.logits[0]).all()
+
+
+def test_prepare_matches_per_token_metadata(tmp_path):
+    """The vectorised prepare against the per-token definition: ragged chunks after context,
+    decode rows, scattered tables of different widths, sampled and unsampled rows, and the
+    LoRA routing (table slot -> coefficient slot and pool row) of each token."""
+    make_config("llama3", 300).save_pretrained(tmp_path)
+    minilm_tokenizer().save_pretrained(tmp_path)
+    cfg = EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", max_adapters=4,
+                       max_lora_adapters=2, max_lora_rank=4, block_size=4,
+                       kv_cache_tokens_cpu=1024, load_format="dummy")
+    r = ModelRunner(cfg, tmp_path)
+    r.lora.bind(2, 1, lora_only=True)  # slot 2: a LoRA-only adapter in pool row 1
+    r.lora.bind(3, 2, lora_only=False)  # slot 3: NoRA coefficients and pool row 2
+    seqs = [Seq(list(range(10, 30)), table(0, 22), slot=1, num_computed=7),
+            Seq(list(range(40, 46)), table(1, 6), slot=2, num_computed=5),
+            Seq(list(range(50, 59)), table(2, 9), slot=3),
+            Seq(list(range(60, 74)), table(3, 16), slot=0, num_computed=13)]
+    num_new, sample = [9, 1, 9, 1], [False, True, True, True]
+    b = r.prepare(seqs, num_new, sample)
+    ids, pos, kv, coef, rows, samp = [], [], [], [], [], []
+    for s, n, want in zip(seqs, num_new, sample, strict=True):
+        for p in range(s.num_computed, s.num_computed + n):
+            ids.append(s.tokens[p])
+            pos.append(p)
+            kv.append(s.block_table[p // 4] * 4 + p % 4)
+            coef.append({2: 0}.get(s.slot, s.slot))
+            rows.append({2: 1, 3: 2}.get(s.slot, 0))
+        if want:
+            samp.append(len(ids) - 1)
+    assert b.input_ids.tolist() == ids and b.positions.tolist() == pos
+    assert b.kv_index.tolist() == kv and b.sample_index.tolist() == samp
+    assert b.slots.tolist() == coef and b.lora_rows.tolist() == rows
+    assert b.ctx_lens.tolist() == [16, 6, 9, 14] and b.q_start.tolist() == [0, 9, 10, 19, 20]
+    width = max(len(s.block_table) for s in seqs)
+    assert b.block_tables.tolist() == [s.block_table + [0] * (width - len(s.block_table))
+                                       for s in seqs]
+    assert b.tiles.tolist() == prefill_tiles(np.array(num_new), r.block_q,
+                                             np.array([16, 6, 9, 14])).tolist()
+    assert b.input_ids.dtype == b.kv_index.dtype == torch.long
+    assert b.slots.dtype == b.block_tables.dtype == b.tiles.dtype == torch.int32
+    assert not b.is_decode
+    d = r.prepare([seqs[1], seqs[3]], [1, 1], [True, True])  # pure decode: no tiles
+    assert d.is_decode and d.q_start is None and d.lora_rows.tolist() == [1, 0]
+    assert d.kv_index.tolist() == [kv[9], kv[19]] and d.ctx_lens.tolist() == [6, 14]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_step_matches_full_forward(checkpoint, backend, monkeypatch):
+    """Decode rows and prompt chunks in one step (one prefill-kernel launch on the Triton
+    path), against transformers' full forward of each sequence."""
+    if "llama3" not in str(checkpoint):
+        pytest.skip("one architecture suffices (the interpreter is slow)")
+    monkeypatch.setenv("NORA_BACKEND", backend)
+    r = runner(checkpoint, device="cuda" if backend == "triton" and torch.cuda.is_available()
+               else "cpu")
+    ids = r.tokenizer(PROMPT)["input_ids"]
+    a, b, c = (Seq(p, table(k, len(p))) for k, p in enumerate((ids, ids[2:13], ids[:6])))
+    step(r, [a, c], [len(ids) - 1, 5])  # a: all but its last token; c: a chunk
+    step(r, [a, b, c], [1, len(b.tokens), 1])  # a and c decode, b's whole prompt
+    for s in (a, b, c):
+        got = torch.cat(s.logits).cpu()
+        torch.testing.assert_close(got, hf_logits(checkpoint, s.tokens), rtol=1e-4, atol=1e-4)
