@@ -27,7 +27,7 @@ from test_server import (  # noqa: F401 (engine and store are fixtures)
 
 from nora_proto.v1 import nora_pb2
 from nora_runtime.adapter import FORMAT, FORMAT_VERSION, AdapterFormatError, load_adapter
-from nora_server.service import MAX_STATUS_BYTES
+from nora_server.rpc import MAX_STATUS_BYTES
 
 Code = grpc.StatusCode
 

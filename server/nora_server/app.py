@@ -36,7 +36,8 @@ from nora_runtime.engine import Engine, EngineStats
 from nora_server.auth import Auth, AuthInterceptor, server_credentials
 from nora_server.config import ServerConfig
 from nora_server.metrics import Metrics
-from nora_server.service import DecodeInterceptor, NoraService
+from nora_server.rpc import DecodeInterceptor
+from nora_server.service import NoraService
 
 log = logging.getLogger("nora_server")
 

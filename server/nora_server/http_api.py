@@ -60,14 +60,9 @@ from nora_runtime.registry import INLINE_PREFIX, AdapterNotFound
 from nora_runtime.sampling import MAX_SEED, MAX_TOP_LOGPROBS, SamplingParams
 from nora_runtime.structured import StructuredOutput
 from nora_server.auth import Auth, Caller
-from nora_server.service import (
-    MAX_N,
-    NoraService,
-    _check_adapter_id,
-    choice_seed,
-    clip,
-    status_of,
-)
+from nora_server.messages import MAX_N
+from nora_server.rpc import clip, status_of
+from nora_server.service import NoraService, _check_adapter_id, choice_seed
 
 log = logging.getLogger(__name__)
 

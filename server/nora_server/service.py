@@ -18,23 +18,8 @@ answer stops at the template's end-of-turn token, added as a stop token when the
 ids lack it, and reported as EOS). Unset sampling fields take the model's defaults
 (`Engine.default_params`, from its generation_config.json).
 
-Errors map to status codes in one place (`status_of`):
-
-    ValueError (bad parameters, over a limit, not exactly one input, messages the chat
-      template refuses), AdapterError, AdapterPathError, request bytes that do not
-      decode (DecodeInterceptor)                                             INVALID_ARGUMENT
-    AdapterNotFound                                                            NOT_FOUND
-    AdapterMismatchError (another base model, mode, activation, groups),
-      NoChatTemplate (messages for a model without a chat template)            FAILED_PRECONDITION
-    RegistryFull, too many requests in flight (server or tenant quota),
-      tokenizer or adapter workers busy (workers.Busy)                        RESOURCE_EXHAUSTED
-    missing or unknown bearer token (auth.AuthInterceptor)                    UNAUTHENTICATED
-    an admin RPC from a caller that is not an admin                           PERMISSION_DENIED
-    no model loaded yet, shutting down                                        UNAVAILABLE
-
-Status messages are cut to MAX_STATUS_BYTES (they travel in a header; one that quoted a
-20,000-character input used to fail the call with "metadata size exceeds"), and messages that
-quote input quote a shortened repr (`brief`).
+Errors map to status codes in one place (rpc.py, `status_of`); status messages are cut to
+MAX_STATUS_BYTES.
 
 A client's cancellation or deadline cancels the handler; leaving `generate_async` then aborts
 the engine request, which frees its KV blocks and adapter slot within one step.
@@ -56,21 +41,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import hashlib
-import inspect
 import logging
 import math
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 
 import grpc
 
 from nora_proto.v1 import nora_pb2, nora_pb2_grpc
-from nora_runtime.adapter import AdapterError, AdapterMismatchError
 from nora_runtime.chat import (
     NoChatTemplate,
     chat_token_ids,
@@ -83,125 +65,31 @@ from nora_runtime.registry import (
     INLINE_PREFIX,
     MAX_ID_LEN,
     AdapterHold,
-    AdapterInfo,
-    AdapterNotFound,
-    RegistryFull,
 )
 from nora_runtime.sampling import SamplingParams
-from nora_runtime.structured import StructuredOutput
 from nora_server import __version__
 from nora_server.auth import Auth, Caller
 from nora_server.config import ServerConfig
+from nora_server.messages import (
+    FINISH,
+    adapter_info,
+    chat_messages,
+    input_kind,
+    input_value,
+    joined,
+    num_sequences,
+    response,
+    sampling_params,
+    sampling_proto,
+)
 from nora_server.metrics import Metrics
-from nora_server.workers import Busy, WorkerPool
+from nora_server.rpc import CANCELLED, RpcError, rpc
+from nora_server.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
-FINISH = {  # engine finish reason -> proto enum, metrics label
-    "length": (nora_pb2.FINISH_REASON_LENGTH, "length"),
-    "eos": (nora_pb2.FINISH_REASON_EOS, "eos"),
-    "stop": (nora_pb2.FINISH_REASON_STOP, "stop"),
-    "abort": (nora_pb2.FINISH_REASON_CANCELLED, "cancelled"),
-    "time_limit": (nora_pb2.FINISH_REASON_TIME_LIMIT, "time_limit"),
-    "error": (nora_pb2.FINISH_REASON_ERROR, "error"),
-}
-
-
-MAX_STATUS_BYTES = 1024  # status messages are cut to this much UTF-8
 MAX_PATH_BYTES = 4096  # LoadAdapter paths (Linux's PATH_MAX)
-MAX_N = 16  # sequences per request (gRPC's sampling.n, HTTP's n per prompt)
 RELOAD_WAITS = 3  # a request waits for others' reloads of its adapter this often, then reloads
-
-
-# How a handler learns that its RPC is over: grpc.aio cancels the handler's task while it
-# awaits, or closes a streaming handler's generator at a `yield` (GeneratorExit).
-CANCELLED = (asyncio.CancelledError, GeneratorExit)
-
-
-class RpcError(Exception):
-    """A request refused with a specific status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a failed RPC answers with."""
-    if isinstance(exc, RpcError):
-        return exc.code, exc.message
-    table = [  # order matters: AdapterMismatchError and AdapterPathError are ValueErrors
-        (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-        (AdapterMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-        (NoChatTemplate, grpc.StatusCode.FAILED_PRECONDITION),
-        (RegistryFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    ]
-    for kind, code in table:
-        if isinstance(exc, kind):
-            return code, f"adapter: {exc}" if isinstance(exc, AdapterError) else str(exc)
-    return grpc.StatusCode.INTERNAL, "internal error (the server log has the details)"
-
-
-def clip(message: str, limit: int = MAX_STATUS_BYTES) -> str:
-    """`message` cut to at most `limit` bytes of UTF-8 (on a character boundary)."""
-    data = message.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return message
-    suffix = f"... ({len(data)} bytes, cut)"
-    return data[:limit - len(suffix)].decode("utf-8", "ignore") + suffix
-
-
-def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    remaining = context.time_remaining()
-    expired = remaining is not None and remaining <= 0
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-
-
-def rpc(method, *, admin: bool = False):
-    """Decorate a servicer method (coroutine or async generator) `fn(self, request, context,
-    caller)`: derive the caller (PERMISSION_DENIED for an `admin` RPC from a non-admin), map
-    exceptions to status codes and count every call in nora_rpc_requests_total{method, code}."""
-
-    def decorate(fn):
-        async def fail(self, exc: Exception, context) -> None:  # raises (context.abort)
-            code, message = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            self.metrics.rpcs.labels(method, code.name).inc()
-            await context.abort(code, clip(message))
-
-        if inspect.isasyncgenfunction(fn):
-            @functools.wraps(fn)
-            async def streaming(self, request, context):
-                try:
-                    caller = self.caller(context, admin=admin)
-                    async with aclosing(fn(self, request, context, caller)) as responses:
-                        async for response in responses:
-                            yield response
-                except CANCELLED:
-                    self.metrics.rpcs.labels(method, _cancel_code(context).name).inc()
-                    raise
-                except Exception as exc:
-                    await fail(self, exc, context)
-                self.metrics.rpcs.labels(method, "OK").inc()
-            return streaming
-
-        @functools.wraps(fn)
-        async def unary(self, request, context):
-            try:
-                response = await fn(self, request, context, self.caller(context, admin=admin))
-            except CANCELLED:
-                self.metrics.rpcs.labels(method, _cancel_code(context).name).inc()
-                raise
-            except Exception as exc:
-                await fail(self, exc, context)
-            self.metrics.rpcs.labels(method, "OK").inc()
-            return response
-        return unary
-
-    return decorate
 
 
 class _Tracker:
@@ -364,8 +252,8 @@ class NoraService(nora_pb2_grpc.NoraServicer):
     @rpc("Generate")
     async def Generate(self, request, context, caller: Caller) -> nora_pb2.GenerateResponse:
         parts = [part async for part in self._generate(request, caller)]
-        if _n(request) == 1:
-            return _joined(parts)
+        if num_sequences(request) == 1:
+            return joined(parts)
         by_index: defaultdict[int, list] = defaultdict(list)
         for part in parts:
             by_index[part.index].append(part)
@@ -373,7 +261,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         out = nora_pb2.GenerateResponse(request_id=first.request_id, adapter_id=first.adapter_id,
                                         input_token_ids=first.input_token_ids)
         for i in sorted(by_index):
-            choice = _joined(by_index[i])
+            choice = joined(by_index[i])
             choice.ClearField("input_token_ids")
             out.choices.append(choice)
         out.usage.prompt_tokens = out.choices[0].usage.prompt_tokens
@@ -392,9 +280,9 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                         caller: Caller) -> AsyncIterator[nora_pb2.GenerateResponse]:
         arrival = time.monotonic()  # latency metrics count from here
         engine = self.serving_engine()
-        params = _sampling_params(request, engine.default_params)
-        n = _n(request)
-        input_kind = _input_kind(request)  # before admission: a request without input is bad
+        params = sampling_params(request, engine.default_params)
+        n = num_sequences(request)
+        kind = input_kind(request)  # before admission: a request without input is bad
         time_limit = request.stopping.time_limit_seconds
         if not (math.isfinite(time_limit) and time_limit >= 0):
             raise ValueError(f"time_limit_seconds must be finite and >= 0, got {time_limit}")
@@ -406,11 +294,11 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         with self.admitted(caller.tenant, n):
             holds = []  # the adapter's slots, held until the engine requests take them over
             try:
-                ids = await self.input_ids(engine, input_kind, _input_value(request, input_kind))
+                ids = await self.input_ids(engine, kind, input_value(request, kind))
                 ids = self.truncated(ids, params)
                 self._check_lengths(engine, len(ids), params.max_new_tokens)
                 await self.check_structured(engine, params)
-                params, end_of_turn = await self.chat_stops(engine, input_kind, params)
+                params, end_of_turn = await self.chat_stops(engine, kind, params)
                 for _ in range(n):
                     holds.append(await self.hold(engine, getattr(request, which) if which
                                                  else None))
@@ -425,7 +313,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                 first = True
                 async with self.merged(streams) as events:  # leaving early aborts them all
                     async for i, ev in events:
-                        out = self._response(ev, adapter_id, ids if first else None, request)
+                        out = response(ev, adapter_id, ids if first else None, request)
                         if n > 1:
                             out.request_id, out.index = rid, i
                         yield out
@@ -629,27 +517,6 @@ class NoraService(nora_pb2_grpc.NoraServicer):
                              f"{n_input + max_new_tokens} exceeds the limit of {max_total} "
                              "total tokens")
 
-    @staticmethod
-    def _response(ev: TokenEvent, adapter_id: str, input_ids: list[int] | None,
-                  request) -> nora_pb2.GenerateResponse:
-        out = nora_pb2.GenerateResponse(request_id=ev.request_id, text=ev.text,
-                                        token_ids=ev.token_ids, adapter_id=adapter_id)
-        if ev.logprobs is not None:
-            out.logprobs.extend(ev.logprobs)
-        for top in ev.top_logprobs or ():
-            out.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
-        if input_ids is not None and request.options.input_tokens:
-            out.input_token_ids.extend(input_ids)
-        if ev.finish_reason is not None:
-            out.finish_reason = FINISH[ev.finish_reason][0]
-            out.usage.prompt_tokens = ev.num_prompt_tokens
-            out.usage.completion_tokens = ev.num_output_tokens
-            if ev.error:
-                out.error = ev.error
-        if ev.queue_seconds is not None:
-            out.usage.queue_seconds = ev.queue_seconds
-        return out
-
     # ---- model ----------------------------------------------------------------------------
 
     @rpc("Tokenize")
@@ -658,7 +525,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         if request.messages:
             if request.text:
                 raise ValueError("give text or messages, not both")
-            ids = await self._chat_ids(_messages(request.messages), engine)
+            ids = await self._chat_ids(chat_messages(request.messages), engine)
         else:
             await self._check_text(engine, "the text", len(request.text.encode()))
             ids = await self.text_pool.run(engine.tokenizer.encode, request.text,
@@ -677,7 +544,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
             max_total_tokens=self.max_total_tokens(engine),
             max_concurrent_requests=self.config.max_concurrent_requests,
             adapter_slots_total=i.max_adapters, server_version=__version__,
-            default_sampling=_sampling_proto(engine.default_params),
+            default_sampling=sampling_proto(engine.default_params),
             default_max_new_tokens=engine.default_params.max_new_tokens,
             chat_template=has_chat_template(engine.tokenizer),
             lora_slots_total=i.max_lora_adapters, max_lora_rank=i.max_lora_rank,
@@ -698,7 +565,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         source = request.path if which == "path" else request.data
         info = await self.adapter_pool.run(engine.load_adapter, request.adapter_id, source)
         self.metrics.adapter_label(info.id)  # loaded ids claim their metric labels first
-        return nora_pb2.LoadAdapterResponse(adapter=_adapter_info(info))
+        return nora_pb2.LoadAdapterResponse(adapter=adapter_info(info))
 
     @rpc("UnloadAdapter", admin=True)
     async def UnloadAdapter(self, request, context,
@@ -717,7 +584,7 @@ class NoraService(nora_pb2_grpc.NoraServicer):
         shown = [a for a in engine.list_adapters()
                  if caller.admin or not a.id.startswith(INLINE_PREFIX)]
         return nora_pb2.ListAdaptersResponse(
-            adapters=[_adapter_info(a) for a in shown],
+            adapters=[adapter_info(a) for a in shown],
             slots_used=stats.slots_used, slots_total=stats.slots_total)
 
 
@@ -747,116 +614,6 @@ def _check_adapter_id(adapter_id: str) -> None:
                          f"{len(adapter_id)}")
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Decodes request messages inside the handler, so that bytes which do not parse (random
-    bytes, invalid UTF-8 in a string field) answer INVALID_ARGUMENT, are counted by
-    `on_error(method)` and logged in one line. (gRPC's own decoding fails with UNKNOWN, a
-    traceback in the log and no count.) Streaming-request handlers are left as they are."""
-
-    def __init__(self, on_error: Callable[[str], None] = lambda method: None) -> None:
-        self.on_error = on_error
-
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         Awaitable[grpc.RpcMethodHandler]],
-            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
-            return handler
-        decode, method = handler.request_deserializer, details.method
-
-        async def parse(data: bytes, context):
-            try:
-                return decode(data)
-            except Exception as exc:
-                log.warning("%s: undecodable request of %d bytes (%s)", method, len(data),
-                            type(exc).__name__)
-                self.on_error(method)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"the request does not decode as {method}'s message")
-
-        ser = handler.response_serializer
-        if handler.unary_unary:
-            behavior = handler.unary_unary
-
-            async def unary(data, context):
-                return await behavior(await parse(data, context), context)
-            return grpc.unary_unary_rpc_method_handler(unary, None, ser)
-        behavior = handler.unary_stream
-        if not inspect.isasyncgenfunction(behavior):  # a coroutine writing with context.write
-            async def writing(data, context):
-                return await behavior(await parse(data, context), context)
-            return grpc.unary_stream_rpc_method_handler(writing, None, ser)
-
-        async def streaming(data, context):
-            async with aclosing(behavior(await parse(data, context), context)) as responses:
-                async for response in responses:
-                    yield response
-        return grpc.unary_stream_rpc_method_handler(streaming, None, ser)
-
-
-def _messages(messages) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
-def _input_value(request, kind: str):
-    """The input of a GenerateRequest as `NoraService.input_ids` takes it."""
-    if kind == "token_ids":
-        return request.token_ids.ids
-    return _messages(request.messages) if kind == "messages" else request.prompt
-
-
-def _input_kind(request) -> str:
-    """Which input a GenerateRequest has: "prompt", "token_ids" or "messages"; ValueError unless
-    exactly one (`messages` cannot sit in the proto's oneof, so the oneof alone cannot say)."""
-    given = [k for k in (request.WhichOneof("input"),) if k] + (
-        ["messages"] if request.messages else [])
-    if len(given) != 1:
-        raise ValueError("the request needs exactly one of prompt, token_ids and messages; got "
-                         + (" and ".join(given) if given else "none"))
-    return given[0]
-
-
-MODEL_DEFAULT_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
-SAMPLING_FIELDS = (*MODEL_DEFAULT_FIELDS, "presence_penalty", "frequency_penalty", "min_p")
-
-
-def _sampling_params(request, defaults: SamplingParams) -> SamplingParams:
-    """SamplingParams of a GenerateRequest; unset fields take `defaults` (the model's). Invalid
-    values raise ValueError (INVALID_ARGUMENT)."""
-    s, stop, options = request.sampling, request.stopping, request.options
-    kw = {f: getattr(s, f) for f in SAMPLING_FIELDS if s.HasField(f)}
-    if stop.HasField("max_new_tokens"):
-        kw["max_new_tokens"] = stop.max_new_tokens
-    return dataclasses.replace(
-        defaults, **kw, stop=tuple(stop.stop), stop_token_ids=tuple(stop.stop_token_ids),
-        ignore_eos=stop.ignore_eos, logprobs=options.logprobs,
-        top_logprobs=options.top_logprobs, min_new_tokens=stop.min_new_tokens,
-        truncate_prompt_tokens=request.truncate_input_tokens or None,
-        structured=_structured(request.response_format))
-
-
-def _structured(fmt) -> StructuredOutput | None:
-    """The StructuredOutput of a ResponseFormat (None: free text)."""
-    which = fmt.WhichOneof("format")
-    if which is None:
-        return None
-    if which == "json_object":
-        if not fmt.json_object:
-            raise ValueError("response_format.json_object must be true (leave response_format "
-                             "unset for free text)")
-        return StructuredOutput("json_object")
-    return StructuredOutput(which, getattr(fmt, which))
-
-
-def _n(request) -> int:
-    """Sequences a GenerateRequest asks for (sampling.n; unset or 0: 1)."""
-    n = request.sampling.n or 1
-    if n > MAX_N:
-        raise ValueError(f"n must be in [1, {MAX_N}], got {n}")
-    return n
-
-
 def choice_seed(seed: int | None, i: int) -> int | None:
     """Sequence i's seed: `seed` for sequence 0 (so n = 1 and n > 1 agree on it), a hash of
     (seed, i) for the others; None stays None (each engine request draws its own)."""
@@ -869,26 +626,3 @@ def choice_seed(seed: int | None, i: int) -> int | None:
 async def _indexed(events: AsyncIterator[TokenEvent]) -> AsyncIterator[tuple[int, TokenEvent]]:
     async for ev in events:
         yield 0, ev
-
-
-def _joined(parts: list[nora_pb2.GenerateResponse]) -> nora_pb2.GenerateResponse:
-    """One sequence's stream messages as one message: text joined, tokens, logprobs and top
-    logprobs appended, the last part's finish reason and usage."""
-    out = nora_pb2.GenerateResponse()
-    for part in parts:
-        out.MergeFrom(part)  # appends repeated fields; set scalars of later parts win
-    out.text = "".join(part.text for part in parts)
-    return out
-
-
-def _sampling_proto(params: SamplingParams) -> nora_pb2.SamplingParameters:
-    kw = {f: getattr(params, f) for f in MODEL_DEFAULT_FIELDS if getattr(params, f) is not None}
-    return nora_pb2.SamplingParameters(**kw)
-
-
-def _adapter_info(a: AdapterInfo) -> nora_pb2.AdapterInfo:
-    return nora_pb2.AdapterInfo(adapter_id=a.id, slot=a.slot, size_bytes=a.nbytes,
-                                loaded_at=a.loaded_at, last_used=a.last_used,
-                                running_requests=a.in_use, requests=a.requests,
-                                generated_tokens=a.tokens, source=a.source, kind=a.kind,
-                                lora_rank=a.lora_rank, lora_target_modules=a.lora_targets)
