@@ -1,0 +1,481 @@
+"""Tensor parallelism (issue 14): one model over N processes, one per device, Megatron style.
+
+    rank 0 (the engine's process): scheduler, registry, sampling, and its share of the model
+    ranks 1..N-1 (worker processes it spawns): their share of the model, nothing else
+
+Every rank holds a slice of each decoder layer: column-parallel q/k/v and fused gate/up (a
+share of the heads and of the MLP channels), row-parallel o_proj and down_proj (the matching
+input slice; one all-reduce each per layer sums the partial outputs). Attention heads and the
+KV cache split by KV head; with more ranks than KV heads, ranks share (replicate) one. The
+embedding, norms and lm_head are replicated (first cut: no vocab-parallel embedding; a 70B
+Llama's 128k x 8k embedding and head are 2 GiB each in bf16, so splitting them is the next
+saving). The model file knows only the linear layers' kind (`Linears`, DESIGN.md s4).
+
+NoRA needs no sharding: every rank keeps the whole coefficient table (KBs per adapter) and
+receives every write; a rank's activation reads only the groups its MLP channels fall in
+(`TableShard`). LoRA pools are not sharded yet: EngineConfig refuses them with tensor
+parallelism.
+
+Rank 0 sends commands, in one order, through a gloo group: each step's ForwardBatch (CPU
+copies of its tensors, pickled), each coefficient-table write, and stop. A worker runs them
+in order and exits on any error, so ranks never diverge silently. Failure is loud and
+bounded: a dead rank breaks the TCP connections (gloo reports it in milliseconds), every
+collective of a step has a timeout (NORA_TP_TIMEOUT seconds), rank 0 watches its workers'
+processes, and workers exit when rank 0's process goes away. Any of these marks the group
+broken; the engine then stops (health NOT_SERVING, nora-serve exits non-zero).
+
+On GPUs the model's all-reduces run on NCCL (NVLink multicast off: NCCL_NVLS_ENABLE=0), the
+commands still on gloo. CUDA graphs are not captured with tensor parallelism yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nora_runtime.table import CoefficientTable
+
+log = logging.getLogger(__name__)
+
+# a step's collectives (and a command's delivery) must finish within this many seconds
+TIMEOUT = float(os.environ.get("NORA_TP_TIMEOUT", "60"))
+STARTUP_TIMEOUT = 1800.0  # workers join, load their shards and size their KV caches
+IDLE_TIMEOUT = 365 * 86400.0  # a worker waits this long for the next command (an idle server)
+
+
+# ---- the linear layers' kind (all the model file knows of parallelism) ---------------------------
+
+
+class Linears:
+    """Builds a model's linear layers; this one, for a single process, plain nn.Linear.
+
+    column(n_in, n_out, parts=, replicate=, fused=): each process computes a share of the
+    outputs. parts: the outputs are `parts` indivisible units (heads); replicate: with more
+    processes than parts, processes share one (KV heads) instead of failing; fused: the output
+    is `fused` projections concatenated (gate and up), each split on its own.
+    row(n_in, n_out): each process reads a share of the inputs (those a column-parallel layer
+    before it computed) and the partial outputs are summed across processes.
+    """
+
+    def column(self, n_in: int, n_out: int, *, bias: bool = False, parts: int | None = None,
+               replicate: bool = False, fused: int = 1) -> nn.Linear:
+        return nn.Linear(n_in, n_out, bias=bias)
+
+    def row(self, n_in: int, n_out: int, *, bias: bool = False) -> nn.Linear:
+        return nn.Linear(n_in, n_out, bias=bias)
+
+
+DENSE = Linears()
+
+
+class ColumnParallelLinear(nn.Linear):
+    """This rank's rows of a column-parallel projection (Linears.column): out_features is the
+    local count; `rows` is the slice of each fused part's rows taken from the checkpoint."""
+
+    def __init__(self, n_in: int, n_out: int, *, bias: bool, rank: int, size: int,
+                 parts: int | None, replicate: bool, fused: int) -> None:
+        part_out = n_out // fused  # rows of one fused projection
+        parts = parts or part_out
+        shards = min(size, parts) if replicate else size
+        if part_out % parts or parts % shards or size % shards:
+            raise ValueError(f"a projection of {part_out} outputs in {parts} parts does not "
+                             f"split over tensor_parallel_size={size}")
+        rows = part_out // shards
+        index = rank * shards // size  # ranks beyond `shards` share parts (replicate)
+        self.rows = slice(index * rows, (index + 1) * rows)
+        super().__init__(n_in, fused * rows, bias=bias)
+
+    def shard_index(self, name: str) -> tuple[slice, ...]:
+        return (self.rows,)  # weight rows and bias entries alike
+
+
+class RowParallelLinear(nn.Linear):
+    """This rank's input columns of a row-parallel projection (Linears.row); the forward
+    all-reduces the partial products (the bias, replicated, is added once after)."""
+
+    def __init__(self, n_in: int, n_out: int, *, bias: bool, group: Group) -> None:
+        if n_in % group.size:
+            raise ValueError(f"{n_in} inputs do not split over tensor_parallel_size="
+                             f"{group.size}")
+        cols = n_in // group.size
+        self.cols = slice(group.rank * cols, (group.rank + 1) * cols)
+        super().__init__(cols, n_out, bias=bias)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # [N, out], this rank's partial sum
+        self.group.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def shard_index(self, name: str) -> tuple[slice, ...]:
+        return (slice(None), self.cols) if name == "weight" else ()
+
+
+class ParallelLinears(Linears):
+    """Linears of one rank of a tensor-parallel group."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def column(self, n_in: int, n_out: int, *, bias: bool = False, parts: int | None = None,
+               replicate: bool = False, fused: int = 1) -> nn.Linear:
+        return ColumnParallelLinear(n_in, n_out, bias=bias, rank=self.group.rank,
+                                    size=self.group.size, parts=parts, replicate=replicate,
+                                    fused=fused)
+
+    def row(self, n_in: int, n_out: int, *, bias: bool = False) -> nn.Linear:
+        return RowParallelLinear(n_in, n_out, bias=bias, group=self.group)
+
+
+def load_weights_sharded(model: nn.Module, path: Path) -> None:
+    """llama.load_weights for a tensor-parallel rank: each parallel layer reads only its slice
+    of the checkpoint's tensors (safetensors slices: no full copy of a 70B projection)."""
+    from safetensors import safe_open
+
+    from nora_runtime.llama import checkpoint_files, checkpoint_names
+
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    wanted = checkpoint_names(model)
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name not in wanted:
+                    continue
+                target, half = wanted.pop(name)
+                owner, _, leaf = target.rpartition(".")
+                index = getattr(modules[owner], "shard_index", lambda _: ())(leaf)
+                tensor = f.get_slice(name)[index] if index else f.get_tensor(name)
+                dst = params[target].data
+                if half >= 0:
+                    dst = dst.chunk(2, dim=0)[half]
+                dst.copy_(tensor)
+    if wanted:
+        raise ValueError(f"checkpoint {path} lacks {sorted(wanted)[:5]}")
+
+
+class TableShard:
+    """What one rank's MLP activations read of the (whole, replicated) coefficient table: the
+    groups its channels fall in. Contiguous channel groups (DESIGN.md s1) and contiguous channel
+    shards line up when the ranks divide the groups or the groups divide the ranks."""
+
+    def __init__(self, table: CoefficientTable, rank: int, size: int) -> None:
+        G = table.groups
+        if G % size and size % G:
+            raise ValueError(f"rational groups ({G}) and tensor_parallel_size ({size}) must "
+                             "divide one another")
+        self.table = table
+        self.g0 = rank * G // size
+        self.g1 = self.g0 + max(1, G // size)
+
+    def site(self, l: int) -> torch.Tensor:
+        return self.table.data[:, l, self.g0:self.g1]  # [S, G / N, 10], rows contiguous
+
+
+# ---- the process group --------------------------------------------------------------------------
+
+
+def rank_device(name: str, rank: int) -> torch.device:
+    """Rank r's device: the CPU, or the r-th CUDA device from the configured one."""
+    from nora_runtime.model_runner import resolve_device
+
+    device = resolve_device(name)
+    return device if device.type != "cuda" else torch.device("cuda", device.index + rank)
+
+
+class Group:
+    """One rank's view of the group: gloo for commands (and, on the CPU, for the model's
+    all-reduces), NCCL for the model's all-reduces on GPUs."""
+
+    def __init__(self, rank: int, size: int, store, device: torch.device) -> None:
+        self.rank, self.size, self.device = rank, size, device
+        self.linears = ParallelLinears(self)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timedelta(seconds=TIMEOUT)
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        self.cpu = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, opts)
+        self.dev = self.cpu
+        if device.type == "cuda":
+            os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (issue 14), before init
+            torch.cuda.set_device(device)
+            nccl = dist.ProcessGroupNCCL  # CUDA builds of torch only
+            nopts = nccl.Options()
+            nopts._timeout = timedelta(seconds=TIMEOUT)
+            self.dev = nccl(dist.PrefixStore("nccl", store), rank, size, nopts)
+
+    def all_reduce(self, t: torch.Tensor, timeout: float | None = None) -> None:
+        """Sum `t` over the ranks, in place."""
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        if timeout is not None:
+            opts.timeout = timedelta(seconds=timeout)
+        self.dev.allreduce([t], opts).wait()
+
+    def min_int(self, n: int) -> int:
+        """The smallest of every rank's n (after loading: bounded by STARTUP_TIMEOUT)."""
+        t = torch.tensor([-n], dtype=torch.long)  # max of -n: gloo and NCCL both have MAX
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        opts.timeout = timedelta(seconds=STARTUP_TIMEOUT)
+        self.cpu.allreduce([t], opts).wait()
+        return -int(t.item())
+
+    def broadcast_object(self, obj=None, timeout: float = TIMEOUT):
+        """Rank 0's `obj` on every rank (pickled; two broadcasts: size, bytes)."""
+        wait = timedelta(seconds=timeout)
+        if self.rank == 0:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=5)), dtype=torch.uint8)
+            size = torch.tensor([data.numel()], dtype=torch.long)
+        else:
+            size = torch.zeros(1, dtype=torch.long)
+        self.cpu.broadcast(size, 0, timeout=wait).wait()
+        if self.rank != 0:
+            data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.cpu.broadcast(data, 0, timeout=wait).wait()
+        return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
+
+
+def _map_tensors(obj, fn):
+    """obj with fn applied to every tensor in it (dataclass fields, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(x, fn) for x in obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj)})
+    return obj
+
+
+class TensorParallelError(RuntimeError):
+    """The group is broken (a rank died, a collective failed or timed out): fatal."""
+
+
+class Leader:
+    """Rank 0: spawns the workers, sends them every step and table write, watches them."""
+
+    rank = 0
+
+    def __init__(self, config, checkpoint: Path) -> None:
+        self.size = size = config.tensor_parallel_size
+        self.device = rank_device(config.device, 0)
+        self.error: str | None = None
+        self._on_fatal = None
+        self._lock = threading.Lock()  # one command (a step with its collectives) at a time
+        self._closing = False
+        store = dist.TCPStore("127.0.0.1", 0, size, True,
+                              timeout=timedelta(seconds=STARTUP_TIMEOUT),
+                              wait_for_workers=False)
+        self._store = store
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, name=f"nora-tp{r}", daemon=True,
+                                  args=(r, size, store.port, config, checkpoint, os.getpid()))
+                      for r in range(1, size)]
+        for p in self.procs:
+            p.start()
+        try:
+            self._wait_joined(store)
+            self.group = Group(0, size, store, self.device)
+        except BaseException:
+            self.close()
+            raise
+        self.linears = self.group.linears
+        self.Table = functools.partial(ReplicatedTable, leader=self)
+        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
+        threading.Thread(target=self._watch, name="nora-tp-watch", daemon=True).start()
+
+    def _wait_joined(self, store) -> None:
+        """Until every worker has joined the store, failing at once if one dies first."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while store.add("joined", 0) < self.size - 1:
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                raise TensorParallelError(f"tensor-parallel worker {dead[0].name} exited with "
+                                          f"code {dead[0].exitcode} while starting")
+            if time.monotonic() > deadline:
+                raise TensorParallelError("tensor-parallel workers did not start in time")
+            time.sleep(0.05)
+
+    # ---- the runner's side ----------------------------------------------------------------------
+
+    def table_shard(self, table: CoefficientTable) -> TableShard:
+        return TableShard(table, 0, self.size)
+
+    def min_int(self, n: int) -> int:
+        return self.group.min_int(n)
+
+    def forward(self, model, batch, k_cache, v_cache) -> torch.Tensor:
+        """Run one step on every rank; rank 0's logits."""
+        with self._command(("step", _map_tensors(batch, lambda t: t.cpu()))):
+            return model(batch, k_cache, v_cache)
+
+    def write_table(self, slot: int, coefs: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Send a table write to the workers; rank 0's own write goes inside the context."""
+        return self._command(("table", slot, coefs.detach().cpu()))
+
+    @contextlib.contextmanager
+    def _command(self, command):
+        if not self._lock.acquire(timeout=TIMEOUT):
+            raise TensorParallelError("tensor-parallel group busy past NORA_TP_TIMEOUT")
+        try:
+            if self.error is not None:
+                raise TensorParallelError(self.error)
+            try:
+                self.group.broadcast_object(command)
+                yield
+            except Exception as exc:  # ranks may have diverged: the group is done for
+                self._fail(f"tensor-parallel {command[0]} failed: {type(exc).__name__}: {exc}")
+                raise TensorParallelError(self.error) from exc
+        finally:
+            self._lock.release()
+
+    # ---- failure --------------------------------------------------------------------------------
+
+    def watch(self, on_fatal) -> None:
+        """Call on_fatal(error) once the group breaks (at once if it has)."""
+        self._on_fatal = on_fatal
+        if self.error is not None:
+            on_fatal(self.error)
+
+    def _fail(self, error: str) -> None:
+        if self.error is not None or self._closing:
+            return
+        self.error = error
+        log.error("%s", error)
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: p for p in self.procs}
+        ready = mp.connection.wait([*sentinels, self._wake_r])
+        dead = [sentinels[s] for s in ready if s in sentinels]
+        if dead and not self._closing:
+            p = dead[0]
+            self._fail(f"tensor-parallel worker {p.name} (pid {p.pid}) died with exit code "
+                       f"{p.exitcode}")
+
+    def close(self) -> None:
+        """Stop the workers (bounded: those that do not stop are killed)."""
+        if self._closing:
+            return
+        if self.error is None and hasattr(self, "group") and self._lock.acquire(timeout=TIMEOUT):
+            try:
+                self.group.broadcast_object(("stop",))
+            except Exception:  # noqa: S110 - stopping anyway
+                pass
+            finally:
+                self._lock.release()
+        self._closing = True
+        if hasattr(self, "_wake_w"):
+            self._wake_w.send(None)
+        for p in self.procs:
+            p.join(timeout=10 if hasattr(self, "group") else 0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+class ReplicatedTable(CoefficientTable):
+    """Rank 0's coefficient table: every write (load, replace, unload) also reaches the
+    workers' tables, in the same order as the steps."""
+
+    def __init__(self, *args, leader: Leader, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._leader = leader
+
+    def _copy(self, slot: int, src: torch.Tensor) -> None:
+        with self._leader.write_table(slot, src):
+            super()._copy(slot, src)
+
+
+def launch(config, checkpoint: Path) -> Leader | None:
+    """Rank 0 of a tensor-parallel group of config.tensor_parallel_size processes (the workers
+    started and joined); None for one process."""
+    return Leader(config, checkpoint) if config.tensor_parallel_size > 1 else None
+
+
+# ---- the workers --------------------------------------------------------------------------------
+
+
+class Follower:
+    """Ranks 1..N-1: runs rank 0's commands until "stop"."""
+
+    def __init__(self, rank: int, size: int, port: int, config) -> None:
+        self.rank, self.size = rank, size
+        self.device = rank_device(config.device, rank)
+        store = dist.TCPStore("127.0.0.1", port, size, False,
+                              timeout=timedelta(seconds=STARTUP_TIMEOUT))
+        store.add("joined", 1)
+        self.group = Group(rank, size, store, self.device)
+        self.linears = self.group.linears
+        self.Table = CoefficientTable
+
+    def table_shard(self, table: CoefficientTable) -> TableShard:
+        return TableShard(table, self.rank, self.size)
+
+    def min_int(self, n: int) -> int:
+        return self.group.min_int(n)
+
+    def close(self) -> None:
+        pass
+
+    def serve(self, runner) -> None:
+        device = self.device
+        while True:
+            op, *args = self.group.broadcast_object(timeout=IDLE_TIMEOUT)
+            if op == "step":
+                batch = _map_tensors(args[0], lambda t: t.to(device))
+                batch.sample_index = batch.sample_index[:0]  # rank 0 samples: no lm_head here
+                runner.model(batch, runner.k_cache, runner.v_cache)
+            elif op == "table":
+                slot, coefs = args
+                runner.table.write(slot, coefs)
+            elif op == "stop":
+                return
+            else:
+                raise RuntimeError(f"unknown command {op!r}")
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when rank 0's process is gone (its sockets close too, but a worker busy loading
+    would not notice)."""
+    def loop() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=loop, name="nora-tp-parent", daemon=True).start()
+
+
+def _worker_main(rank: int, size: int, port: int, config, checkpoint: Path,
+                 parent: int) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
+    _watch_parent(parent)
+    if rank_device(config.device, rank).type == "cpu":  # share the cores, don't oversubscribe
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    try:
+        from nora_runtime.model_runner import ModelRunner
+
+        follower = Follower(rank, size, port, config)
+        runner = ModelRunner(config, checkpoint, tp=follower)
+        follower.serve(runner)
+    except BaseException:
+        log.exception("tensor-parallel worker %d failed", rank)
+        os._exit(1)  # rank 0 sees the connections close and stops the engine
+    os._exit(0)

@@ -1,0 +1,237 @@
+"""Tensor parallelism on the CPU (issue 14): 2 processes joined by gloo compute what one does.
+
+The tiny test model (4 query heads, 2 KV heads, 384 MLP channels in 8 rational groups) split
+over 2 ranks, float32: logits of mixed-adapter prefill and decode steps and greedy tokens equal
+one process's; adapter load, replace and unload reach the worker; a killed worker stops the
+engine (error set, nora-serve exits non-zero) within seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nora_runtime.adapter import adapter_to_bytes
+from nora_runtime.config import EngineConfig
+from nora_runtime.engine import Engine
+from nora_runtime.parallel import ColumnParallelLinear, TableShard
+from nora_runtime.sampling import SamplingParams
+from nora_runtime.table import CoefficientTable
+from nora_runtime.tiny import random_adapter, tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
+PROMPTS = ["Hello", "abc def ghi", "xyz"]
+TIMEOUT = 60
+
+
+def config(tp: int, **kw) -> EngineConfig:
+    return EngineConfig(model=str(tiny_checkpoint()), device="cpu", dtype="float32",
+                        block_size=4, kv_cache_tokens_cpu=512, max_adapters=4,
+                        max_lora_adapters=0, tensor_parallel_size=tp, **kw)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    one = Engine(config(1)).start()
+    two = Engine(config(2)).start()
+    yield one, two
+    two.shutdown()
+    one.shutdown()
+    assert not any(p.is_alive() for p in two.runner.tp.procs)
+
+
+def adapter_bytes(engine: Engine, seed: int) -> bytes:
+    return adapter_to_bytes(random_adapter(engine.info, seed),
+                            base_fingerprint=engine.info.fingerprint)
+
+
+def greedy(engine: Engine, prompts, adapters) -> list[list[int]]:
+    """Greedy tokens of all prompts, submitted together (one batch, mixed adapters)."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
+        engine.submit(p, GREEDY, adapter=a, on_event=lambda e, i=i: events.put((i, e)))
+    out: list[list[int]] = [[] for _ in prompts]
+    pending = len(prompts)
+    while pending:
+        i, e = events.get(timeout=TIMEOUT)
+        assert e.error is None, e.error
+        out[i] += e.token_ids
+        pending -= e.finish_reason is not None
+    return out
+
+
+class Seq:
+    def __init__(self, tokens: list[int], block_table: list[int], slot: int) -> None:
+        self.tokens, self.block_table, self.slot, self.num_computed = tokens, block_table, slot, 0
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        return self.tokens[start:stop]
+
+
+def logits_of_steps(engine: Engine, slots: list[int]) -> list[torch.Tensor]:
+    """Run a chunked prefill, a mixed prefill + decode step and two decode steps of three
+    sequences (one per slot) through the engine's runner (idle meanwhile; its blocks 100 on are
+    free); every step's logits of every new token."""
+    r = engine.runner
+    seqs = [Seq([(7 * i + 3 * k) % 256 for k in range(11)], [100 + 4 * i + b for b in range(4)],
+                s) for i, s in enumerate(slots)]
+    out = []
+    for num_new in ([5, 11, 3], [1, 0, 8], [1, 1, 1], [1, 1, 1]):
+        live = [(s, n) for s, n in zip(seqs, num_new, strict=True) if n]
+        for s, _ in live:  # a decode step appends the next token first
+            if s.num_computed == len(s.tokens):
+                s.tokens.append(5 * len(s.tokens) % 256)
+        batch = r.prepare([s for s, _ in live], [n for _, n in live], [True] * len(live))
+        rows, start = [], 0
+        for _, n in live:
+            rows += range(start, start + n)
+            start += n
+        batch.sample_index = torch.tensor(rows)
+        out.append(r.forward(batch))
+        for s, n in live:
+            s.num_computed += n
+    return out
+
+
+def test_logits_and_greedy_tokens_equal_one_process(engines):
+    one, two = engines
+    assert two.info.kv_cache_tokens == one.info.kv_cache_tokens
+    attn = two.runner.model.layers[0].self_attn
+    assert (attn.nh, attn.nkv) == (2, 1)  # half the heads, one KV head, on each rank
+    assert two.runner.k_cache.shape[2] == 1
+    slots = {}
+    for e in engines:
+        e.load_adapter("a", adapter_bytes(e, 1))
+        e.load_adapter("b", adapter_bytes(e, 2))
+        holds = [e.hold_adapter(a) for a in ("a", "b")]
+        slots[e] = [0] + [h.take() for h in holds]
+    try:
+        assert slots[one] == slots[two]
+        ref, got = logits_of_steps(one, slots[one]), logits_of_steps(two, slots[two])
+        for x, y in zip(ref, got, strict=True):
+            torch.testing.assert_close(y, x, rtol=0, atol=2e-4)
+            assert torch.equal(y.argmax(-1), x.argmax(-1))
+        adapters = [None, "a", "b"]
+        assert greedy(two, PROMPTS, adapters) == greedy(one, PROMPTS, adapters)
+    finally:
+        for e in engines:
+            for s in slots[e][1:]:
+                e.registry.release(s)
+            for a in ("a", "b"):
+                e.unload_adapter(a)
+
+
+def test_adapter_load_replace_unload_reach_every_rank(engines):
+    one, two = engines
+    base = greedy(two, PROMPTS, [None] * 3)
+    assert base == greedy(one, PROMPTS, [None] * 3)
+    seen = []
+    for seed in (3, 4):  # load, then replace in place
+        for e in engines:
+            e.load_adapter("x", adapter_bytes(e, seed))
+        got = greedy(two, PROMPTS, ["x"] * 3)
+        assert got == greedy(one, PROMPTS, ["x"] * 3)
+        seen.append(got)
+    assert seen[0] != base and seen[1] != seen[0]
+    for e in engines:
+        e.unload_adapter("x")
+    # the freed slot is back to the base on every rank: a new adapter-less load of it would
+    # read it, so check through the table (rank 0) and the outputs (all ranks)
+    assert greedy(two, PROMPTS, [None] * 3) == base
+    t = two.runner.table.data
+    assert torch.equal(t[1:], t[0].expand_as(t[1:]))
+
+
+def test_sharding_rules():
+    table = CoefficientTable(torch.arange(10.0), slots=2, groups=8, sites=3)
+    assert [TableShard(table, r, 2).site(1).shape for r in (0, 1)] == [(2, 4, 10)] * 2
+    assert (TableShard(table, 5, 16).g0, TableShard(table, 5, 16).g1) == (2, 3)
+    with pytest.raises(ValueError, match="divide"):
+        TableShard(table, 0, 3)
+    kv = [ColumnParallelLinear(8, 2 * 4, bias=False, rank=r, size=4, parts=2, replicate=True,
+                               fused=1).rows for r in range(4)]
+    assert kv == [slice(0, 4), slice(0, 4), slice(4, 8), slice(4, 8)]  # 2 KV heads, 4 ranks
+    gate_up = ColumnParallelLinear(8, 2 * 6, bias=False, rank=1, size=2, parts=None,
+                                   replicate=False, fused=2)
+    assert gate_up.rows == slice(3, 6) and gate_up.out_features == 6
+    with pytest.raises(ValueError, match="split"):
+        ColumnParallelLinear(8, 6, bias=False, rank=0, size=4, parts=3, replicate=False,
+                             fused=1)
+
+
+def test_lora_pool_refused_with_tensor_parallelism():
+    with pytest.raises(ValueError, match="LoRA pool with tensor parallelism is not supported"):
+        EngineConfig(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def test_dead_worker_fails_the_engine_clearly():
+    engine = Engine(config(2)).start()
+    try:
+        assert greedy(engine, PROMPTS[:1], [None])
+        worker = engine.runner.tp.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_until(lambda: engine.error is not None)
+        assert "worker" in engine.error and not engine.alive
+        with pytest.raises(RuntimeError):
+            engine.submit("Hello", GREEDY, on_event=lambda e: None)
+    finally:
+        t0 = time.monotonic()
+        engine.shutdown()
+        assert time.monotonic() - t0 < 10
+
+
+def test_dead_worker_stops_nora_serve_with_a_nonzero_exit(tmp_path):
+    """A worker killed mid-generation: the step fails, the engine stops, health goes
+    NOT_SERVING as the server drains, and the process exits with status 1."""
+    env = {**os.environ, "NORA_LOG_LEVEL": "WARNING", "NORA_TP_TIMEOUT": "20"}
+    cmd = [sys.executable, "-m", "nora_server.cli", "--model", str(tiny_checkpoint()),
+           "--device", "cpu", "--port", "0", "--http-port", "off", "--metrics-port", "off",
+           "--kv-cache-tokens-cpu", "512", "--tensor-parallel-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    output = []
+
+    def wait_for(prefix: str, timeout: float = 60) -> str:
+        end = time.monotonic() + timeout
+        while True:
+            line = lines.get(timeout=max(0.01, end - time.monotonic()))
+            output.append(line)
+            if line.startswith(prefix):
+                return line
+
+    try:
+        wait_for("nora: serving")
+        workers = [pid for pid in subprocess.run(["pgrep", "-P", str(proc.pid)],
+                                                 capture_output=True, text=True).stdout.split()
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 1, workers
+        os.kill(int(workers[0]), signal.SIGKILL)
+        wait_for("nora: the engine stopped; exiting", timeout=30)
+        assert proc.wait(timeout=30) == 1
+    except BaseException:
+        print("".join(output))
+        raise
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
