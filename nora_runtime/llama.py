@@ -117,10 +117,11 @@ class Attention(nn.Module):
         self.d = d = getattr(config, "head_dim", None) or config.hidden_size // nh
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         H = config.hidden_size
-        self.q_proj = linears.column(H, nh * d, bias=bias, parts=nh)
-        self.k_proj = linears.column(H, nkv * d, bias=bias, parts=nkv, replicate=True)
-        self.v_proj = linears.column(H, nkv * d, bias=bias, parts=nkv, replicate=True)
-        self.o_proj = linears.row(nh * d, H, bias=bool(getattr(config, "attention_bias", False)))
+        self.q_proj = linears.column(H, nh * d, bias=bias, heads=nh, kv_heads=nkv)
+        self.k_proj = linears.column(H, nkv * d, bias=bias, heads=nkv, kv_heads=nkv)
+        self.v_proj = linears.column(H, nkv * d, bias=bias, heads=nkv, kv_heads=nkv)
+        self.o_proj = linears.row(nh * d, H, bias=bool(getattr(config, "attention_bias", False)),
+                                  heads=nh, kv_heads=nkv)
         # the heads this process computes: all of them, or its share (parallel.py)
         self.nh, self.nkv = self.q_proj.out_features // d, self.k_proj.out_features // d
 

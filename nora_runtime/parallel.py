@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -64,23 +65,58 @@ IDLE_TIMEOUT = 365 * 86400.0  # a worker waits this long for the next command (a
 class Linears:
     """Builds a model's linear layers; this one, for a single process, plain nn.Linear.
 
-    column(n_in, n_out, parts=, replicate=, fused=): each process computes a share of the
-    outputs. parts: the outputs are `parts` indivisible units (heads); replicate: with more
-    processes than parts, processes share one (KV heads) instead of failing; fused: the output
-    is `fused` projections concatenated (gate and up), each split on its own.
-    row(n_in, n_out): each process reads a share of the inputs (those a column-parallel layer
-    before it computed) and the partial outputs are summed across processes.
+    column(n_in, n_out, heads=, kv_heads=, fused=): each process computes a share of the
+    outputs. heads: the outputs are `heads` attention heads, which go to processes by the
+    `kv_heads` KV heads they attend with (head_slice); fused: the output is `fused` projections
+    concatenated (gate and up), each split on its own.
+    row(n_in, n_out, heads=, kv_heads=): each process reads the share of the inputs that a
+    column-parallel layer before it computed; the partial outputs are summed across processes.
     """
 
-    def column(self, n_in: int, n_out: int, *, bias: bool = False, parts: int | None = None,
-               replicate: bool = False, fused: int = 1) -> nn.Linear:
+    def column(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
+               kv_heads: int | None = None, fused: int = 1) -> nn.Linear:
         return nn.Linear(n_in, n_out, bias=bias)
 
-    def row(self, n_in: int, n_out: int, *, bias: bool = False) -> nn.Linear:
+    def row(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
+            kv_heads: int | None = None) -> nn.Linear:
         return nn.Linear(n_in, n_out, bias=bias)
 
 
 DENSE = Linears()
+
+
+def head_slice(heads: int, kv_heads: int, rank: int, size: int) -> slice:
+    """The heads (of `heads`, grouped over `kv_heads` KV heads; heads == kv_heads for the KV
+    projections themselves) that `rank` of `size` computes. With at least as many KV heads as
+    ranks, each rank takes whole KV groups, as evenly as they go (SmolLM2-135M's 3 KV heads
+    over 2 ranks: 1 and 2); with fewer, ranks share a KV head (replicated) and split its
+    query heads."""
+    g = heads // kv_heads  # query heads per KV head (1: the KV projections)
+    if heads % kv_heads:
+        raise ValueError(f"{heads} heads do not group over {kv_heads} KV heads")
+    if kv_heads >= size:
+        return slice(rank * kv_heads // size * g, (rank + 1) * kv_heads // size * g)
+    share = size // kv_heads  # ranks per KV head
+    if size % kv_heads or (g > 1 and g % share):
+        raise ValueError(f"{heads} heads over {kv_heads} KV heads do not split over "
+                         f"tensor_parallel_size={size}")
+    kv = rank // share
+    if g == 1:
+        return slice(kv, kv + 1)
+    per = g // share
+    start = kv * g + rank % share * per
+    return slice(start, start + per)
+
+
+def shard_slice(n: int, rank: int, size: int, heads: int | None, kv_heads: int | None) -> slice:
+    """Rank's slice of n features: by heads (head_slice) or in equal parts."""
+    if heads is not None:
+        unit = n // heads
+        h = head_slice(heads, kv_heads or heads, rank, size)
+        return slice(h.start * unit, h.stop * unit)
+    if n % size:
+        raise ValueError(f"{n} features do not split over tensor_parallel_size={size}")
+    return slice(rank * n // size, (rank + 1) * n // size)
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -88,17 +124,9 @@ class ColumnParallelLinear(nn.Linear):
     local count; `rows` is the slice of each fused part's rows taken from the checkpoint."""
 
     def __init__(self, n_in: int, n_out: int, *, bias: bool, rank: int, size: int,
-                 parts: int | None, replicate: bool, fused: int) -> None:
-        part_out = n_out // fused  # rows of one fused projection
-        parts = parts or part_out
-        shards = min(size, parts) if replicate else size
-        if part_out % parts or parts % shards or size % shards:
-            raise ValueError(f"a projection of {part_out} outputs in {parts} parts does not "
-                             f"split over tensor_parallel_size={size}")
-        rows = part_out // shards
-        index = rank * shards // size  # ranks beyond `shards` share parts (replicate)
-        self.rows = slice(index * rows, (index + 1) * rows)
-        super().__init__(n_in, fused * rows, bias=bias)
+                 heads: int | None = None, kv_heads: int | None = None, fused: int = 1) -> None:
+        self.rows = shard_slice(n_out // fused, rank, size, heads, kv_heads)
+        super().__init__(n_in, fused * (self.rows.stop - self.rows.start), bias=bias)
 
     def shard_index(self, name: str) -> tuple[slice, ...]:
         return (self.rows,)  # weight rows and bias entries alike
@@ -108,13 +136,10 @@ class RowParallelLinear(nn.Linear):
     """This rank's input columns of a row-parallel projection (Linears.row); the forward
     all-reduces the partial products (the bias, replicated, is added once after)."""
 
-    def __init__(self, n_in: int, n_out: int, *, bias: bool, group: Group) -> None:
-        if n_in % group.size:
-            raise ValueError(f"{n_in} inputs do not split over tensor_parallel_size="
-                             f"{group.size}")
-        cols = n_in // group.size
-        self.cols = slice(group.rank * cols, (group.rank + 1) * cols)
-        super().__init__(cols, n_out, bias=bias)
+    def __init__(self, n_in: int, n_out: int, *, bias: bool, group: Group,
+                 heads: int | None = None, kv_heads: int | None = None) -> None:
+        self.cols = shard_slice(n_in, group.rank, group.size, heads, kv_heads)
+        super().__init__(self.cols.stop - self.cols.start, n_out, bias=bias)
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,14 +157,16 @@ class ParallelLinears(Linears):
     def __init__(self, group: Group) -> None:
         self.group = group
 
-    def column(self, n_in: int, n_out: int, *, bias: bool = False, parts: int | None = None,
-               replicate: bool = False, fused: int = 1) -> nn.Linear:
+    def column(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
+               kv_heads: int | None = None, fused: int = 1) -> nn.Linear:
         return ColumnParallelLinear(n_in, n_out, bias=bias, rank=self.group.rank,
-                                    size=self.group.size, parts=parts, replicate=replicate,
+                                    size=self.group.size, heads=heads, kv_heads=kv_heads,
                                     fused=fused)
 
-    def row(self, n_in: int, n_out: int, *, bias: bool = False) -> nn.Linear:
-        return RowParallelLinear(n_in, n_out, bias=bias, group=self.group)
+    def row(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
+            kv_heads: int | None = None) -> nn.Linear:
+        return RowParallelLinear(n_in, n_out, bias=bias, group=self.group, heads=heads,
+                                 kv_heads=kv_heads)
 
 
 def load_weights_sharded(model: nn.Module, path: Path) -> None:
@@ -235,6 +262,14 @@ class Group:
         self.cpu.allreduce([t], opts).wait()
         return -int(t.item())
 
+    def same(self, value: int) -> bool:
+        """Whether every rank passed the same value."""
+        t = torch.tensor([value, -value], dtype=torch.long)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.cpu.allreduce([t], opts).wait()
+        return int(t[0]) == -int(t[1])
+
     def broadcast_object(self, obj=None, timeout: float = TIMEOUT):
         """Rank 0's `obj` on every rank (pickled; two broadcasts: size, bytes)."""
         wait = timedelta(seconds=timeout)
@@ -260,6 +295,12 @@ def _map_tensors(obj, fn):
         return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
                                            for f in dataclasses.fields(obj)})
     return obj
+
+
+def digest(table: CoefficientTable) -> int:
+    """A 56-bit hash of a coefficient table's contents."""
+    data = table.data.detach().cpu().contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:7], "little")
 
 
 class TensorParallelError(RuntimeError):
@@ -323,6 +364,11 @@ class Leader:
         """Run one step on every rank; rank 0's logits."""
         with self._command(("step", _map_tensors(batch, lambda t: t.cpu()))):
             return model(batch, k_cache, v_cache)
+
+    def tables_agree(self, table: CoefficientTable) -> bool:
+        """Whether every rank's coefficient table equals rank 0's `table` (tests, diagnosis)."""
+        with self._command(("digest",)):
+            return self.group.same(digest(table))
 
     def write_table(self, slot: int, coefs: torch.Tensor) -> contextlib.AbstractContextManager:
         """Send a table write to the workers; rank 0's own write goes inside the context."""
@@ -445,6 +491,8 @@ class Follower:
             elif op == "table":
                 slot, coefs = args
                 runner.table.write(slot, coefs)
+            elif op == "digest":
+                self.group.same(digest(runner.table))
             elif op == "stop":
                 return
             else:

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from nora_runtime.adapter import adapter_to_bytes
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
-from nora_runtime.parallel import ColumnParallelLinear, TableShard
+from nora_runtime.parallel import ColumnParallelLinear, TableShard, head_slice
 from nora_runtime.sampling import SamplingParams
 from nora_runtime.table import CoefficientTable
-from nora_runtime.tiny import random_adapter, tiny_checkpoint
+from nora_runtime.tiny import byte_tokenizer, random_adapter, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
 PROMPTS = ["Hello", "abc def ghi", "xyz"]
@@ -34,9 +35,9 @@ TIMEOUT = 60
 
 
 def config(tp: int, **kw) -> EngineConfig:
-    return EngineConfig(model=str(tiny_checkpoint()), device="cpu", dtype="float32",
-                        block_size=4, kv_cache_tokens_cpu=512, max_adapters=4,
-                        max_lora_adapters=0, tensor_parallel_size=tp, **kw)
+    kw = {"model": str(tiny_checkpoint()), **kw}
+    return EngineConfig(device="cpu", dtype="float32", block_size=4, kv_cache_tokens_cpu=512,
+                        max_adapters=4, max_lora_adapters=0, tensor_parallel_size=tp, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +136,22 @@ def test_adapter_load_replace_unload_reach_every_rank(engines):
     base = greedy(two, PROMPTS, [None] * 3)
     assert base == greedy(one, PROMPTS, [None] * 3)
     seen = []
+    tp, table = two.runner.tp, two.runner.table
+    assert tp.tables_agree(table)
     for seed in (3, 4):  # load, then replace in place
         for e in engines:
             e.load_adapter("x", adapter_bytes(e, seed))
+        assert tp.tables_agree(table)
         got = greedy(two, PROMPTS, ["x"] * 3)
         assert got == greedy(one, PROMPTS, ["x"] * 3)
         seen.append(got)
     assert seen[0] != base and seen[1] != seen[0]
     for e in engines:
         e.unload_adapter("x")
-    # the freed slot is back to the base on every rank: a new adapter-less load of it would
-    # read it, so check through the table (rank 0) and the outputs (all ranks)
+    # the freed slot is back to the base on every rank
     assert greedy(two, PROMPTS, [None] * 3) == base
-    t = two.runner.table.data
-    assert torch.equal(t[1:], t[0].expand_as(t[1:]))
+    t = table.data
+    assert torch.equal(t[1:], t[0].expand_as(t[1:])) and tp.tables_agree(table)
 
 
 def test_sharding_rules():
@@ -157,15 +160,24 @@ def test_sharding_rules():
     assert (TableShard(table, 5, 16).g0, TableShard(table, 5, 16).g1) == (2, 3)
     with pytest.raises(ValueError, match="divide"):
         TableShard(table, 0, 3)
-    kv = [ColumnParallelLinear(8, 2 * 4, bias=False, rank=r, size=4, parts=2, replicate=True,
-                               fused=1).rows for r in range(4)]
-    assert kv == [slice(0, 4), slice(0, 4), slice(4, 8), slice(4, 8)]  # 2 KV heads, 4 ranks
-    gate_up = ColumnParallelLinear(8, 2 * 6, bias=False, rank=1, size=2, parts=None,
-                                   replicate=False, fused=2)
+    def heads(nh, nkv, size):
+        return [(head_slice(nh, nkv, r, size).start, head_slice(nh, nkv, r, size).stop)
+                for r in range(size)]
+
+    assert heads(4, 2, 2) == [(0, 2), (2, 4)] and heads(2, 2, 2) == [(0, 1), (1, 2)]
+    # SmolLM2-135M over 2 ranks: 3 KV heads go 1 + 2, their query heads 3 + 6
+    assert heads(3, 3, 2) == [(0, 1), (1, 3)] and heads(9, 3, 2) == [(0, 3), (3, 9)]
+    # more ranks than KV heads: the KV heads are replicated, their query heads split
+    assert heads(2, 2, 4) == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert heads(8, 2, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    with pytest.raises(ValueError, match="split"):
+        head_slice(6, 2, 0, 4)  # 3 query heads per KV head do not split over 2 ranks
+    kv = ColumnParallelLinear(8, 2 * 4, bias=False, rank=3, size=4, heads=2, kv_heads=2)
+    assert kv.rows == slice(4, 8) and kv.out_features == 4
+    gate_up = ColumnParallelLinear(8, 2 * 6, bias=False, rank=1, size=2, fused=2)
     assert gate_up.rows == slice(3, 6) and gate_up.out_features == 6
     with pytest.raises(ValueError, match="split"):
-        ColumnParallelLinear(8, 6, bias=False, rank=0, size=4, parts=3, replicate=False,
-                             fused=1)
+        ColumnParallelLinear(8, 6, bias=False, rank=0, size=4)
 
 
 def test_lora_pool_refused_with_tensor_parallelism():
@@ -182,10 +194,33 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_dead_worker_fails_the_engine_clearly():
-    engine = Engine(config(2)).start()
+@pytest.fixture(scope="module")
+def uneven_checkpoint(tmp_path_factory):
+    """A Llama with 6 query and 3 KV heads: over 2 ranks, one KV head on rank 0, two on 1."""
+    path = tmp_path_factory.mktemp("uneven")
+    cfg = LlamaConfig(vocab_size=264, hidden_size=96, intermediate_size=192,
+                      num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+                      initializer_range=0.1, tie_word_embeddings=False, bos_token_id=256,
+                      eos_token_id=257)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_uneven_kv_split_then_a_dead_worker_fails_the_engine_clearly(uneven_checkpoint):
+    """One engine for two checks (each TP engine spawns a worker: seconds on a 2-core CI):
+    KV heads that do not divide over the ranks give one process's tokens; then a worker killed
+    while idle stops the engine (error set, new requests refused) within seconds."""
+    model = str(uneven_checkpoint)
+    one = Engine(config(1, model=model)).start()
+    engine = Engine(config(2, model=model)).start()
     try:
-        assert greedy(engine, PROMPTS[:1], [None])
+        assert engine.runner.model.layers[0].self_attn.nkv == 1  # rank 0's share
+        for e in (one, engine):
+            e.load_adapter("a", adapter_bytes(e, 5))
+        adapters = [None, "a", "a"]
+        assert greedy(engine, PROMPTS, adapters) == greedy(one, PROMPTS, adapters)
         worker = engine.runner.tp.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         wait_until(lambda: engine.error is not None)
@@ -195,12 +230,13 @@ def test_dead_worker_fails_the_engine_clearly():
     finally:
         t0 = time.monotonic()
         engine.shutdown()
+        one.shutdown()
         assert time.monotonic() - t0 < 10
 
 
 def test_dead_worker_stops_nora_serve_with_a_nonzero_exit(tmp_path):
-    """A worker killed mid-generation: the step fails, the engine stops, health goes
-    NOT_SERVING as the server drains, and the process exits with status 1."""
+    """nora-serve with 2 ranks, a worker killed: the engine stops, health goes NOT_SERVING as
+    the server drains, and the process exits with status 1 (for a restart)."""
     env = {**os.environ, "NORA_LOG_LEVEL": "WARNING", "NORA_TP_TIMEOUT": "20"}
     cmd = [sys.executable, "-m", "nora_server.cli", "--model", str(tiny_checkpoint()),
            "--device", "cpu", "--port", "0", "--http-port", "off", "--metrics-port", "off",
