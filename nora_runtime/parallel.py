@@ -35,10 +35,10 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import multiprocessing as mp
-import multiprocessing.connection
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -323,13 +323,22 @@ class Leader:
                               timeout=timedelta(seconds=STARTUP_TIMEOUT),
                               wait_for_workers=False)
         self._store = store
-        ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, name=f"nora-tp{r}", daemon=True,
-                                  args=(r, size, store.port, config, checkpoint, os.getpid()))
-                      for r in range(1, size)]
-        for p in self.procs:
-            p.start()
+        # plain subprocesses, not multiprocessing's spawn: that re-imports the caller's main
+        # module (a script without a __main__ guard would start engines recursively; nora-serve
+        # would import the gRPC server in every worker)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
+        spec = pickle.dumps((config, checkpoint))
+        self.procs: list[subprocess.Popen] = []
         try:
+            for r in range(1, size):
+                cmd = [sys.executable, "-c", "from nora_runtime.parallel import worker_main; "
+                       f"worker_main({r}, {size}, {store.port}, {os.getpid()})"]
+                p = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env)
+                p.stdin.write(spec)
+                p.stdin.close()
+                self.procs.append(p)
             self._wait_joined(store)
             self.group = Group(0, size, store, self.device)
         except BaseException:
@@ -337,17 +346,18 @@ class Leader:
             raise
         self.linears = self.group.linears
         self.Table = functools.partial(ReplicatedTable, leader=self)
-        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
-        threading.Thread(target=self._watch, name="nora-tp-watch", daemon=True).start()
+        for p in self.procs:
+            threading.Thread(target=self._watch, args=(p,), name="nora-tp-watch",
+                             daemon=True).start()
 
     def _wait_joined(self, store) -> None:
         """Until every worker has joined the store, failing at once if one dies first."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while store.add("joined", 0) < self.size - 1:
-            dead = [p for p in self.procs if not p.is_alive()]
+            dead = [p for p in self.procs if p.poll() is not None]
             if dead:
-                raise TensorParallelError(f"tensor-parallel worker {dead[0].name} exited with "
-                                          f"code {dead[0].exitcode} while starting")
+                raise TensorParallelError(f"tensor-parallel worker (pid {dead[0].pid}) exited "
+                                          f"with code {dead[0].returncode} while starting")
             if time.monotonic() > deadline:
                 raise TensorParallelError("tensor-parallel workers did not start in time")
             time.sleep(0.05)
@@ -406,19 +416,18 @@ class Leader:
         if self._on_fatal is not None:
             self._on_fatal(error)
 
-    def _watch(self) -> None:
-        sentinels = {p.sentinel: p for p in self.procs}
-        ready = mp.connection.wait([*sentinels, self._wake_r])
-        dead = [sentinels[s] for s in ready if s in sentinels]
-        if dead and not self._closing:
-            p = dead[0]
-            self._fail(f"tensor-parallel worker {p.name} (pid {p.pid}) died with exit code "
-                       f"{p.exitcode}")
+    def _watch(self, p: subprocess.Popen) -> None:
+        code = p.wait()
+        if not self._closing:
+            rank = self.procs.index(p) + 1
+            self._fail(f"tensor-parallel worker {rank} (pid {p.pid}) died with exit code "
+                       f"{code}")
 
     def close(self) -> None:
         """Stop the workers (bounded: those that do not stop are killed)."""
         if self._closing:
             return
+        self._closing = True  # workers exiting from here on are no failure
         if self.error is None and hasattr(self, "group") and self._lock.acquire(timeout=TIMEOUT):
             try:
                 self.group.broadcast_object(("stop",))
@@ -426,14 +435,12 @@ class Leader:
                 pass
             finally:
                 self._lock.release()
-        self._closing = True
-        if hasattr(self, "_wake_w"):
-            self._wake_w.send(None)
         for p in self.procs:
-            p.join(timeout=10 if hasattr(self, "group") else 0)
-            if p.is_alive():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10 if hasattr(self, "group") else 0)
+            if p.poll() is None:
                 p.kill()
-                p.join(timeout=5)
+                p.wait(timeout=5)
 
 
 class ReplicatedTable(CoefficientTable):
@@ -510,8 +517,9 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=loop, name="nora-tp-parent", daemon=True).start()
 
 
-def _worker_main(rank: int, size: int, port: int, config, checkpoint: Path,
-                 parent: int) -> None:
+def worker_main(rank: int, size: int, port: int, parent: int) -> None:
+    """A worker process's entry point (Leader starts it; the config comes on stdin)."""
+    config, checkpoint = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
     _watch_parent(parent)

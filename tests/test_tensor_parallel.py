@@ -47,7 +47,7 @@ def engines():
     yield one, two
     two.shutdown()
     one.shutdown()
-    assert not any(p.is_alive() for p in two.runner.tp.procs)
+    assert all(p.poll() is not None for p in two.runner.tp.procs)
 
 
 def adapter_bytes(engine: Engine, seed: int) -> bytes:
@@ -259,7 +259,7 @@ def test_dead_worker_stops_nora_serve_with_a_nonzero_exit(tmp_path):
         wait_for("nora: serving")
         workers = [pid for pid in subprocess.run(["pgrep", "-P", str(proc.pid)],
                                                  capture_output=True, text=True).stdout.split()
-                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                   if b"worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 1, workers
         os.kill(int(workers[0]), signal.SIGKILL)
         wait_for("nora: the engine stopped; exiting", timeout=30)
