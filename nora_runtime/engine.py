@@ -169,7 +169,7 @@ class Engine:
             self.runner = runner = ModelRunner(config, checkpoint, tp=tp)
         except BaseException:
             if tp is not None:
-                tp.close()
+                tp.close(graceful=False)
             raise
         self.tokenizer = runner.tokenizer
         hf = runner.hf_config

@@ -342,7 +342,7 @@ class Leader:
             self._wait_joined(store)
             self.group = Group(0, size, store, self.device)
         except BaseException:
-            self.close()
+            self.close(graceful=False)
             raise
         self.linears = self.group.linears
         self.Table = functools.partial(ReplicatedTable, leader=self)
@@ -423,12 +423,14 @@ class Leader:
             self._fail(f"tensor-parallel worker {rank} (pid {p.pid}) died with exit code "
                        f"{code}")
 
-    def close(self) -> None:
-        """Stop the workers (bounded: those that do not stop are killed)."""
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers: with `graceful` (they serve commands) by a stop command, else (a
+        start that failed) by SIGKILL; bounded either way."""
         if self._closing:
             return
         self._closing = True  # workers exiting from here on are no failure
-        if self.error is None and hasattr(self, "group") and self._lock.acquire(timeout=TIMEOUT):
+        graceful = graceful and hasattr(self, "group") and self.error is None
+        if graceful and self._lock.acquire(timeout=TIMEOUT):
             try:
                 self.group.broadcast_object(("stop",))
             except Exception:  # noqa: S110 - stopping anyway
@@ -437,7 +439,7 @@ class Leader:
                 self._lock.release()
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10 if hasattr(self, "group") else 0)
+                p.wait(timeout=10 if graceful else 0)
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=5)

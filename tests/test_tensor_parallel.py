@@ -180,11 +180,21 @@ def test_sharding_rules():
         ColumnParallelLinear(8, 6, bias=False, rank=0, size=4)
 
 
-def test_lora_pool_refused_with_tensor_parallelism():
+def test_lora_pool_refused_with_tensor_parallelism(monkeypatch, capsys):
     with pytest.raises(ValueError, match="LoRA pool with tensor parallelism is not supported"):
         EngineConfig(tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=0)
+    from nora_server.cli import configs
+
+    monkeypatch.delenv("NORA_MAX_LORA_ADAPTERS", raising=False)
+    monkeypatch.delenv("NORA_TENSOR_PARALLEL_SIZE", raising=False)
+    assert configs([])[1].max_lora_adapters == EngineConfig().max_lora_adapters
+    engine = configs(["--tensor-parallel-size", "2"])[1]  # no LoRA pool unless asked for
+    assert (engine.tensor_parallel_size, engine.max_lora_adapters) == (2, 0)
+    with pytest.raises(SystemExit):
+        configs(["--tensor-parallel-size", "2", "--max-lora-adapters", "4"])
+    assert "LoRA pool with tensor parallelism is not supported" in capsys.readouterr().err
 
 
 def wait_until(predicate, timeout: float = 20.0) -> None:
@@ -211,7 +221,8 @@ def uneven_checkpoint(tmp_path_factory):
 def test_uneven_kv_split_then_a_dead_worker_fails_the_engine_clearly(uneven_checkpoint):
     """One engine for two checks (each TP engine spawns a worker: seconds on a 2-core CI):
     KV heads that do not divide over the ranks give one process's tokens; then a worker killed
-    while idle stops the engine (error set, new requests refused) within seconds."""
+    mid-generation ends its request with an error and stops the engine (error set, new
+    requests refused) within seconds."""
     model = str(uneven_checkpoint)
     one = Engine(config(1, model=model)).start()
     engine = Engine(config(2, model=model)).start()
@@ -221,8 +232,14 @@ def test_uneven_kv_split_then_a_dead_worker_fails_the_engine_clearly(uneven_chec
             e.load_adapter("a", adapter_bytes(e, 5))
         adapters = [None, "a", "a"]
         assert greedy(engine, PROMPTS, adapters) == greedy(one, PROMPTS, adapters)
-        worker = engine.runner.tp.procs[0]
-        os.kill(worker.pid, signal.SIGKILL)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        engine.submit("Hello", SamplingParams(temperature=0, max_new_tokens=400,
+                                              ignore_eos=True), on_event=events.put)
+        assert events.get(timeout=TIMEOUT).finish_reason is None  # generating
+        os.kill(engine.runner.tp.procs[0].pid, signal.SIGKILL)
+        while (last := events.get(timeout=TIMEOUT)).finish_reason is None:
+            pass
+        assert last.finish_reason == "error" and "tensor-parallel" in last.error
         wait_until(lambda: engine.error is not None)
         assert "worker" in engine.error and not engine.alive
         with pytest.raises(RuntimeError):
