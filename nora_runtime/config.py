@@ -54,8 +54,7 @@ class EngineConfig:
     seed: int = 0  # for requests without a seed of their own
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
     # (as vLLM's), for benchmarks of a model shape from its config.json alone
-    # processes (one per device) that split the model Megatron-style (nora_runtime.parallel);
-    # no LoRA pool with more than one yet (max_lora_adapters must be 0)
+    # processes (one per device) that split the model Megatron-style (nora_runtime.parallel)
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
@@ -104,8 +103,5 @@ class EngineConfig:
                              f"{self.max_consecutive_step_failures}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.max_lora_adapters > 0:
-            raise ValueError("LoRA pool with tensor parallelism is not supported yet: set "
-                             "max_lora_adapters=0 (--max-lora-adapters 0)")
         if not 0.0 < self.tenant_share <= 1.0:
             raise ValueError(f"tenant_share must be in (0, 1], got {self.tenant_share}")

@@ -111,7 +111,8 @@ class ModelRunner:
         self.table = table_kind(base_coefficients(act), slots=config.max_adapters + 1,
                                       groups=config.groups, sites=L, device=self.device)
         rows = min(config.max_lora_adapters, config.max_adapters)  # each needs a table slot
-        self.lora = None if not rows else LoraPool(
+        pool_kind = LoraPool if tp is None else tp.lora_pool_kind(self.hf_config)
+        self.lora = None if not rows else pool_kind(
             slots=rows, rank=config.max_lora_rank, layers=L,
             shapes=projection_shapes(self.hf_config), targets=config.lora_target_modules,
             table_slots=self.table.num_slots, dtype=self.dtype, device=self.device)

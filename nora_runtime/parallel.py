@@ -13,12 +13,12 @@ saving). The model file knows only the linear layers' kind (`Linears`, DESIGN.md
 
 NoRA needs no sharding: every rank keeps the whole coefficient table (KBs per adapter) and
 receives every write; a rank's activation reads only the groups its MLP channels fall in
-(`TableShard`). LoRA pools are not sharded yet: EngineConfig refuses them with tensor
-parallelism.
+(`TableShard`). The LoRA pool is sharded with the projections (`ShardedLoraPool`); each LoRA
+load is sent to every rank, which keeps its slice.
 
 Rank 0 sends commands, in one order, through a gloo group: each step's ForwardBatch (CPU
-copies of its tensors, pickled), each coefficient-table write, and stop. A worker runs them
-in order and exits on any error, so ranks never diverge silently. Failure is loud and
+copies of its tensors, pickled), each coefficient-table and LoRA-pool write, and stop. A worker
+runs them in order and exits on any error, so ranks never diverge silently. Failure is loud and
 bounded: a dead rank breaks the TCP connections (gloo reports it in milliseconds), every
 collective of a step has a timeout (NORA_TP_TIMEOUT seconds), rank 0 watches its workers'
 processes, and workers exit when rank 0's process goes away. Any of these marks the group
@@ -49,6 +49,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nora_runtime.lora import LoraAdapter, LoraModule
+from nora_runtime.lora_pool import LoraPool
 from nora_runtime.table import CoefficientTable
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,61 @@ def load_weights_sharded(model: nn.Module, path: Path) -> None:
                 dst.copy_(tensor)
     if wanted:
         raise ValueError(f"checkpoint {path} lacks {sorted(wanted)[:5]}")
+
+
+def projection_slices(hf_config, rank: int, size: int) -> dict[str, tuple[str, slice]]:
+    """What `rank` computes of each projection, as llama.py's layers split them: ("column",
+    its output rows) or ("row", its input columns)."""
+    H, I = hf_config.hidden_size, hf_config.intermediate_size
+    nh, nkv = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    d = getattr(hf_config, "head_dim", None) or H // nh
+    q = shard_slice(nh * d, rank, size, nh, nkv)
+    kv = shard_slice(nkv * d, rank, size, nkv, nkv)
+    mlp = shard_slice(I, rank, size, None, None)
+    return {"q_proj": ("column", q), "k_proj": ("column", kv), "v_proj": ("column", kv),
+            "o_proj": ("row", q), "gate_proj": ("column", mlp), "up_proj": ("column", mlp),
+            "down_proj": ("row", mlp)}
+
+
+class ShardedLoraPool(LoraPool):
+    """One rank's LoRA pool. Column-parallel projections keep B's rows of this rank's outputs
+    (A whole): each rank adds its outputs' deltas. Row-parallel ones keep A and B whole and
+    gather their input from all ranks first (one all-reduce of [N, in], in steps with LoRA
+    tokens only), so every rank adds the same whole delta to the summed output. Adapters are
+    checked against the whole model's shapes; rank 0's pool sends each write to the workers."""
+
+    def __init__(self, *, group: Group, slices: dict[str, tuple[str, slice]],
+                 shapes: dict[str, tuple[int, int]], leader: Leader | None = None,
+                 **kwargs) -> None:
+        local = {m: (n_in, n_out if slices[m][0] == "row" else len(range(n_out)[slices[m][1]]))
+                 for m, (n_in, n_out) in shapes.items()}
+        super().__init__(shapes=local, **kwargs)
+        self.shapes = {m: shapes[m] for m in self.targets}  # what adapters must fit
+        self.group, self.slices, self._leader = group, slices, leader
+
+    def write(self, row: int, lora: LoraAdapter) -> None:
+        if self._leader is None:
+            return super().write(row, lora)
+        self.check(lora)  # a bad adapter never reaches the workers
+        with self._leader._command(("lora", row, lora)):
+            super().write(row, lora)
+
+    def _write(self, row: int, lora: LoraAdapter) -> None:
+        modules = {}
+        for (l, m), mod in lora.modules.items():
+            kind, part = self.slices[m]
+            modules[l, m] = mod if kind == "row" else LoraModule(mod.A, mod.B[part], mod.scale)
+        super()._write(row, LoraAdapter(modules, lora.source, lora.config))
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str,
+              rows: torch.Tensor) -> None:
+        kind, part = self.slices[module]
+        if kind == "row":  # x: this rank's input columns [N, in / N] -> all of them [N, in]
+            whole = x.new_zeros(x.shape[0], self.shapes[module][0])
+            whole[:, part] = x
+            self.group.all_reduce(whole)
+            x = whole
+        super().apply(y, x, layer, module, rows)
 
 
 class TableShard:
@@ -367,6 +424,10 @@ class Leader:
     def table_shard(self, table: CoefficientTable) -> TableShard:
         return TableShard(table, 0, self.size)
 
+    def lora_pool_kind(self, hf_config):
+        return functools.partial(ShardedLoraPool, group=self.group, leader=self,
+                                 slices=projection_slices(hf_config, 0, self.size))
+
     def min_int(self, n: int) -> int:
         return self.group.min_int(n)
 
@@ -483,6 +544,10 @@ class Follower:
     def table_shard(self, table: CoefficientTable) -> TableShard:
         return TableShard(table, self.rank, self.size)
 
+    def lora_pool_kind(self, hf_config):
+        return functools.partial(ShardedLoraPool, group=self.group,
+                                 slices=projection_slices(hf_config, self.rank, self.size))
+
     def min_int(self, n: int) -> int:
         return self.group.min_int(n)
 
@@ -500,6 +565,9 @@ class Follower:
             elif op == "table":
                 slot, coefs = args
                 runner.table.write(slot, coefs)
+            elif op == "lora":
+                row, lora = args
+                runner.lora.write(row, lora)
             elif op == "digest":
                 self.group.same(digest(runner.table))
             elif op == "stop":

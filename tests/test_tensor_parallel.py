@@ -19,11 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nora_runtime.adapter import adapter_to_bytes
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
+from nora_runtime.lora import PROJECTIONS, pack_peft_files
+from nora_runtime.lora_pool import projection_shapes
 from nora_runtime.parallel import ColumnParallelLinear, TableShard, head_slice
 from nora_runtime.sampling import SamplingParams
 from nora_runtime.table import CoefficientTable
@@ -37,7 +40,7 @@ TIMEOUT = 60
 def config(tp: int, **kw) -> EngineConfig:
     kw = {"model": str(tiny_checkpoint()), **kw}
     return EngineConfig(device="cpu", dtype="float32", block_size=4, kv_cache_tokens_cpu=512,
-                        max_adapters=4, max_lora_adapters=0, tensor_parallel_size=tp, **kw)
+                        max_adapters=4, max_lora_adapters=2, tensor_parallel_size=tp, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,23 @@ def engines():
 def adapter_bytes(engine: Engine, seed: int) -> bytes:
     return adapter_to_bytes(random_adapter(engine.info, seed),
                             base_fingerprint=engine.info.fingerprint)
+
+
+def lora_bytes(engine: Engine, seed: int, r: int = 4) -> bytes:
+    """A packed PEFT LoRA on all seven projections of `engine`'s model (random factors, large
+    enough to change greedy tokens)."""
+    hf = engine.runner.hf_config
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for l in range(hf.num_hidden_layers):
+        for m, (n_in, n_out) in projection_shapes(hf).items():
+            part = "self_attn" if m in PROJECTIONS[:4] else "mlp"
+            key = f"base_model.model.model.layers.{l}.{part}.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * 0.2
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.2
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": list(PROJECTIONS),
+              "bias": "none", "use_dora": False}
+    return pack_peft_files(config, save(tensors))
 
 
 def greedy(engine: Engine, prompts, adapters) -> list[list[int]]:
@@ -79,14 +99,14 @@ class Seq:
 
 
 def logits_of_steps(engine: Engine, slots: list[int]) -> list[torch.Tensor]:
-    """Run a chunked prefill, a mixed prefill + decode step and two decode steps of three
+    """Run a chunked prefill, a mixed prefill + decode step and two decode steps of
     sequences (one per slot) through the engine's runner (idle meanwhile; its blocks 100 on are
     free); every step's logits of every new token."""
     r = engine.runner
     seqs = [Seq([(7 * i + 3 * k) % 256 for k in range(11)], [100 + 4 * i + b for b in range(4)],
                 s) for i, s in enumerate(slots)]
     out = []
-    for num_new in ([5, 11, 3], [1, 0, 8], [1, 1, 1], [1, 1, 1]):
+    for num_new in ([5, 11, 3, 2], [1, 0, 8, 9], [1, 1, 1, 1], [1, 1, 1, 1]):
         live = [(s, n) for s, n in zip(seqs, num_new, strict=True) if n]
         for s, _ in live:  # a decode step appends the next token first
             if s.num_computed == len(s.tokens):
@@ -113,7 +133,8 @@ def test_logits_and_greedy_tokens_equal_one_process(engines):
     for e in engines:
         e.load_adapter("a", adapter_bytes(e, 1))
         e.load_adapter("b", adapter_bytes(e, 2))
-        holds = [e.hold_adapter(a) for a in ("a", "b")]
+        e.load_adapter("l", lora_bytes(e, 3))
+        holds = [e.hold_adapter(a) for a in ("a", "b", "l")]
         slots[e] = [0] + [h.take() for h in holds]
     try:
         assert slots[one] == slots[two]
@@ -121,13 +142,15 @@ def test_logits_and_greedy_tokens_equal_one_process(engines):
         for x, y in zip(ref, got, strict=True):
             torch.testing.assert_close(y, x, rtol=0, atol=2e-4)
             assert torch.equal(y.argmax(-1), x.argmax(-1))
-        adapters = [None, "a", "b"]
-        assert greedy(two, PROMPTS, adapters) == greedy(one, PROMPTS, adapters)
+        adapters = [None, "a", "b", "l"]
+        prompts = [*PROMPTS, "LoRA"]
+        assert greedy(two, prompts, adapters) == greedy(one, prompts, adapters)
+        assert greedy(one, ["LoRA"], ["l"]) != greedy(one, ["LoRA"], [None])  # it does adapt
     finally:
         for e in engines:
             for s in slots[e][1:]:
                 e.registry.release(s)
-            for a in ("a", "b"):
+            for a in ("a", "b", "l"):
                 e.unload_adapter(a)
 
 
@@ -180,21 +203,14 @@ def test_sharding_rules():
         ColumnParallelLinear(8, 6, bias=False, rank=0, size=4)
 
 
-def test_lora_pool_refused_with_tensor_parallelism(monkeypatch, capsys):
-    with pytest.raises(ValueError, match="LoRA pool with tensor parallelism is not supported"):
-        EngineConfig(tensor_parallel_size=2)
+def test_config_and_flag(monkeypatch):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=0)
     from nora_server.cli import configs
 
-    monkeypatch.delenv("NORA_MAX_LORA_ADAPTERS", raising=False)
     monkeypatch.delenv("NORA_TENSOR_PARALLEL_SIZE", raising=False)
-    assert configs([])[1].max_lora_adapters == EngineConfig().max_lora_adapters
-    engine = configs(["--tensor-parallel-size", "2"])[1]  # no LoRA pool unless asked for
-    assert (engine.tensor_parallel_size, engine.max_lora_adapters) == (2, 0)
-    with pytest.raises(SystemExit):
-        configs(["--tensor-parallel-size", "2", "--max-lora-adapters", "4"])
-    assert "LoRA pool with tensor parallelism is not supported" in capsys.readouterr().err
+    assert configs([])[1].tensor_parallel_size == 1
+    assert configs(["--tensor-parallel-size", "2"])[1].tensor_parallel_size == 2
 
 
 def wait_until(predicate, timeout: float = 20.0) -> None:
@@ -230,7 +246,8 @@ def test_uneven_kv_split_then_a_dead_worker_fails_the_engine_clearly(uneven_chec
         assert engine.runner.model.layers[0].self_attn.nkv == 1  # rank 0's share
         for e in (one, engine):
             e.load_adapter("a", adapter_bytes(e, 5))
-        adapters = [None, "a", "a"]
+            e.load_adapter("l", lora_bytes(e, 6))
+        adapters = [None, "a", "l"]
         assert greedy(engine, PROMPTS, adapters) == greedy(one, PROMPTS, adapters)
         events: queue.SimpleQueue = queue.SimpleQueue()
         engine.submit("Hello", SamplingParams(temperature=0, max_new_tokens=400,

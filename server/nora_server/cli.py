@@ -51,8 +51,7 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
     "cuda_graphs": "capture decode steps in CUDA graphs on GPU",
     "seed": "seed for requests without one of their own",
     "tensor_parallel_size": "processes (one per device) that split the model, Megatron style "
-                            "(gloo on the CPU, NCCL on GPUs); no LoRA pool yet, so "
-                            "--max-lora-adapters defaults to 0 with more than one",
+                            "(gloo on the CPU, NCCL on GPUs)",
 }
 SERVER_FLAGS = {  # ServerConfig field -> help
     "host": "address to listen on (0.0.0.0 or :: to expose the server to the network)",
@@ -158,10 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 def configs(argv: list[str] | None = None) -> tuple[ServerConfig, EngineConfig, str]:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    given = sys.argv[1:] if argv is None else argv
-    if (args["tensor_parallel_size"] > 1 and "NORA_MAX_LORA_ADAPTERS" not in os.environ
-            and not any(a.startswith("--max-lora-adapters") for a in given)):
-        args["max_lora_adapters"] = 0  # not supported with tensor parallelism yet (config.py)
     try:
         engine = EngineConfig(**{k: args[k] for k in ENGINE_FLAGS})
         server = ServerConfig(**{k: args[k] for k in SERVER_FLAGS})
