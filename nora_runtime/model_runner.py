@@ -109,7 +109,7 @@ class ModelRunner:
         L = self.hf_config.num_hidden_layers
         table_kind = CoefficientTable if tp is None else tp.Table  # rank 0's sends its writes
         self.table = table_kind(base_coefficients(act), slots=config.max_adapters + 1,
-                                      groups=config.groups, sites=L, device=self.device)
+                                groups=config.groups, sites=L, device=self.device)
         rows = min(config.max_lora_adapters, config.max_adapters)  # each needs a table slot
         pool_kind = LoraPool if tp is None else tp.lora_pool_kind(self.hf_config)
         self.lora = None if not rows else pool_kind(
