@@ -521,8 +521,19 @@ class ReplicatedTable(CoefficientTable):
 
 def launch(config, checkpoint: Path) -> Leader | None:
     """Rank 0 of a tensor-parallel group of config.tensor_parallel_size processes (the workers
-    started and joined); None for one process."""
-    return Leader(config, checkpoint) if config.tensor_parallel_size > 1 else None
+    started and joined); None for one process. A model that does not split over that many
+    raises ValueError before any process starts."""
+    if config.tensor_parallel_size == 1:
+        return None
+    from transformers import AutoConfig
+
+    hf, size = AutoConfig.from_pretrained(checkpoint), config.tensor_parallel_size
+    for rank in range(size):
+        projection_slices(hf, rank, size)
+    if config.groups % size and size % config.groups:
+        raise ValueError(f"rational groups ({config.groups}) and tensor_parallel_size "
+                         f"({size}) must divide one another")
+    return Leader(config, checkpoint)
 
 
 # ---- the workers --------------------------------------------------------------------------------

@@ -211,6 +211,12 @@ def test_config_and_flag(monkeypatch):
     monkeypatch.delenv("NORA_TENSOR_PARALLEL_SIZE", raising=False)
     assert configs([])[1].tensor_parallel_size == 1
     assert configs(["--tensor-parallel-size", "2"])[1].tensor_parallel_size == 2
+    t0 = time.monotonic()  # 2 KV heads over 3 ranks: refused before any worker starts
+    with pytest.raises(ValueError, match="do not split over tensor_parallel_size=3"):
+        Engine(config(3))
+    with pytest.raises(ValueError, match="must divide one another"):
+        Engine(config(2, groups=3))
+    assert time.monotonic() - t0 < 5
 
 
 def wait_until(predicate, timeout: float = 20.0) -> None:
