@@ -161,16 +161,22 @@ def test_adapter_load_replace_unload_reach_every_rank(engines):
     seen = []
     tp, table = two.runner.tp, two.runner.table
     assert tp.tables_agree(table)
-    for seed in (3, 4):  # load, then replace in place
+    adapters = ["x", "y", "x"]  # x: NoRA, y: LoRA
+    # load, then replace in place; seeds that change the tiny model's greedy tokens (its
+    # random weights make most prompts repeat one token whatever the adapter)
+    for seed in (3, 5):
         for e in engines:
             e.load_adapter("x", adapter_bytes(e, seed))
+            e.load_adapter("y", lora_bytes(e, seed))
         assert tp.tables_agree(table)
-        got = greedy(two, PROMPTS, ["x"] * 3)
-        assert got == greedy(one, PROMPTS, ["x"] * 3)
+        got = greedy(two, PROMPTS, adapters)
+        assert got == greedy(one, PROMPTS, adapters)
         seen.append(got)
-    assert seen[0] != base and seen[1] != seen[0]
+    for i in (0, 1):  # the NoRA prompt and the LoRA prompt change at load and at replace
+        assert base[i] != seen[0][i] != seen[1][i] != base[i]
     for e in engines:
         e.unload_adapter("x")
+        e.unload_adapter("y")
     # the freed slot is back to the base on every rank
     assert greedy(two, PROMPTS, [None] * 3) == base
     t = table.data
