@@ -54,6 +54,8 @@ class EngineConfig:
     seed: int = 0  # for requests without a seed of their own
     load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
     # (as vLLM's), for benchmarks of a model shape from its config.json alone
+    # processes (one per device) that split the model Megatron-style (nora_runtime.parallel)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,5 +101,7 @@ class EngineConfig:
         if self.max_consecutive_step_failures < 1:
             raise ValueError("max_consecutive_step_failures must be >= 1, got "
                              f"{self.max_consecutive_step_failures}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not 0.0 < self.tenant_share <= 1.0:
             raise ValueError(f"tenant_share must be in (0, 1], got {self.tenant_share}")

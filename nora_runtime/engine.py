@@ -48,6 +48,7 @@ from nora_runtime.config import EngineConfig
 from nora_runtime.detokenize import IncrementalDetokenizer, StopChecker
 from nora_runtime.histogram import Histogram, HistogramSnapshot, powers_of_two
 from nora_runtime.model_runner import ModelRunner
+from nora_runtime.parallel import launch
 from nora_runtime.registry import BASE_SLOT, AdapterHold, AdapterInfo, AdapterRegistry
 from nora_runtime.sampling import (
     SamplingParams,
@@ -164,7 +165,13 @@ class Engine:
                  durable_adapters: bool = True) -> None:
         self.config = config = config or EngineConfig()
         checkpoint = resolve_checkpoint(config.model)
-        self.runner = runner = ModelRunner(config, checkpoint)
+        tp = launch(config, checkpoint)  # tensor parallelism: the workers, started (else None)
+        try:
+            self.runner = runner = ModelRunner(config, checkpoint, tp=tp)
+        except BaseException:
+            if tp is not None:
+                tp.close(graceful=False)
+            raise
         self.tokenizer = runner.tokenizer
         hf = runner.hf_config
         fingerprint = base_fingerprint(runner.model, runner.act)
@@ -206,11 +213,14 @@ class Engine:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
         self._stopping = False
         self.error: str | None = None  # why the loop thread died, if it did
+        self._fatal: str | None = None  # set from any thread: the loop stops with this error
         self._thread: threading.Thread | None = None
         self._batch_size = self._steps = 0
         # per step: one bisect each (metrics, read at scrape time)
         self._step_tokens = Histogram(powers_of_two(config.max_num_batched_tokens))
         self._step_seqs = Histogram(powers_of_two(config.max_num_seqs))
+        if tp is not None:  # a dead rank stops the engine, even while it idles
+            tp.watch(self._fail)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -230,6 +240,7 @@ class Engine:
             thread = self._thread
         if thread is not None:
             thread.join()
+        self.runner.close()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -423,6 +434,13 @@ class Engine:
         """False once the loop thread has died (then `error` says why) or shut down."""
         return self.error is None and not self._stopping
 
+    def _fail(self, error: str) -> None:
+        """Stop the loop with `error` (from any thread): something it cannot recover from,
+        such as a dead tensor-parallel worker."""
+        with self._lock:
+            self._fatal = error
+            self._lock.notify()
+
     def _loop(self) -> None:
         try:
             self._run()
@@ -448,8 +466,11 @@ class Engine:
         while True:
             self._flush_events()  # the last step's events, before this thread may wait
             with self._lock:
-                while not (self._incoming or self._aborts or self._live or self._stopping):
+                while not (self._incoming or self._aborts or self._live or self._stopping
+                           or self._fatal):
                     self._lock.wait()
+                if self._fatal:
+                    raise RuntimeError(self._fatal)
                 incoming, self._incoming = self._incoming, []
                 aborts, self._aborts = self._aborts, {}
                 stopping = self._stopping
@@ -482,6 +503,8 @@ class Engine:
                         self._finish(self._live[seq.request_id], "error",
                                      error=f"{type(exc).__name__}: {exc}")
                 failures += 1
+                if self._fatal:
+                    raise RuntimeError(self._fatal) from exc
                 if failures >= self.config.max_consecutive_step_failures:
                     # ... unless steps keep failing (a broken device): then the engine stops,
                     # health says NOT_SERVING and nora-serve exits for a restart

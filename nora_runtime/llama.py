@@ -28,6 +28,7 @@ from nora_runtime.kernels.prefill_attention import (
 )
 from nora_runtime.lora_pool import LoraPool
 from nora_runtime.ops import rational_act, use_triton
+from nora_runtime.parallel import DENSE, Linears
 from nora_runtime.table import CoefficientTable
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -122,19 +123,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer: int, lora: LoraPool | None = None) -> None:
+    def __init__(self, config, layer: int, lora: LoraPool | None = None,
+                 linears: Linears = DENSE) -> None:
         super().__init__()
         self.layer, self.lora = layer, lora
-        self.nh = config.num_attention_heads
-        self.nkv = config.num_key_value_heads
-        self.d = getattr(config, "head_dim", None) or config.hidden_size // self.nh
+        nh, nkv = config.num_attention_heads, config.num_key_value_heads
+        self.d = d = getattr(config, "head_dim", None) or config.hidden_size // nh
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         H = config.hidden_size
-        self.q_proj = nn.Linear(H, self.nh * self.d, bias=bias)
-        self.k_proj = nn.Linear(H, self.nkv * self.d, bias=bias)
-        self.v_proj = nn.Linear(H, self.nkv * self.d, bias=bias)
-        self.o_proj = nn.Linear(self.nh * self.d, H, bias=bool(getattr(config, "attention_bias",
-                                                                       False)))
+        self.q_proj = linears.column(H, nh * d, bias=bias, heads=nh, kv_heads=nkv)
+        self.k_proj = linears.column(H, nkv * d, bias=bias, heads=nkv, kv_heads=nkv)
+        self.v_proj = linears.column(H, nkv * d, bias=bias, heads=nkv, kv_heads=nkv)
+        self.o_proj = linears.row(nh * d, H, bias=bool(getattr(config, "attention_bias", False)),
+                                  heads=nh, kv_heads=nkv)
+        # the heads this process computes: all of them, or its share (parallel.py)
+        self.nh, self.nkv = self.q_proj.out_features // d, self.k_proj.out_features // d
 
     def forward(self, x, batch: ForwardBatch, cos, sin, k_cache, v_cache) -> torch.Tensor:
         N, lora, l = x.shape[0], self.lora, self.layer
@@ -166,13 +169,14 @@ class MLP(nn.Module):
     """SwiGLU with the multi-tenant rational activation: down(R_slot(gate) * up)."""
 
     def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str,
-                 lora: LoraPool | None = None) -> None:
+                 lora: LoraPool | None = None, linears: Linears = DENSE) -> None:
         super().__init__()
         self.layer, self.table, self.act, self.mode = layer, table, act, mode
         self.lora = lora
         H, I = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(H, 2 * I, bias=False)  # gate_proj and up_proj, fused
-        self.down_proj = nn.Linear(I, H, bias=False)
+        # gate_proj and up_proj, fused
+        self.gate_up_proj = linears.column(H, 2 * I, bias=False, fused=2)
+        self.down_proj = linears.row(I, H, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         lora, l = self.lora, self.layer
@@ -187,27 +191,29 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer: int, table: CoefficientTable, act: str, mode: str,
-                 lora: LoraPool | None = None) -> None:
+                 lora: LoraPool | None = None, linears: Linears = DENSE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer, lora)
+        self.self_attn = Attention(config, layer, lora, linears)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer, table, act, mode, lora)
+        self.mlp = MLP(config, layer, table, act, mode, lora, linears)
 
 
 class LlamaModel(nn.Module):
     """Llama-family causal LM over a paged KV cache. `table` holds every resident adapter's
     coefficients (slot 0 = base); `act` is the base activation the rationals replace; `lora`
-    (None: no LoRA) holds every resident LoRA adapter's factors."""
+    (None: no LoRA) holds every resident LoRA adapter's factors. `linears` builds the decoder
+    layers' projections (parallel.DENSE: plain; under tensor parallelism, this rank's share, and
+    then `table` is the table's groups that its channels read, parallel.TableShard)."""
 
     def __init__(self, config, table: CoefficientTable, act: str, mode: str,
-                 lora: LoraPool | None = None) -> None:
+                 lora: LoraPool | None = None, linears: Linears = DENSE) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED:
             raise ValueError(f"model_type {config.model_type!r} is not Llama-family {SUPPORTED}")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, table, act, mode, lora)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, table, act, mode, lora, linears)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -20,6 +20,7 @@ from nora_runtime.kernels.prefill_attention import prefill_block_q, prefill_tile
 from nora_runtime.llama import ForwardBatch, LlamaModel, load_weights, rope_inv_freq
 from nora_runtime.lora_pool import LoraPool, projection_shapes
 from nora_runtime.ops import use_triton
+from nora_runtime.parallel import DENSE, load_weights_sharded
 from nora_runtime.rational import base_coefficients
 from nora_runtime.table import CoefficientTable
 
@@ -93,9 +94,14 @@ class ModelRunner:
     config.kv_memory_fraction on GPU, from config.kv_cache_tokens_cpu (or cpu_kv_tokens) on CPU.
     """
 
-    def __init__(self, config: EngineConfig, checkpoint: Path) -> None:
+    def __init__(self, config: EngineConfig, checkpoint: Path, tp=None) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        # tensor parallelism: this rank's side of the group (parallel.Leader on rank 0, which
+        # the engine launches; parallel.Follower on the workers); None in one process
+        if tp is None and config.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 needs parallel.launch()'s group")
+        self.tp = tp
+        self.device = tp.device if tp is not None else resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.hf_config = AutoConfig.from_pretrained(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -104,10 +110,12 @@ class ModelRunner:
             raise ValueError(f"hidden_act {self.hf_config.hidden_act!r} has no rational fit")
         self.act = act
         L = self.hf_config.num_hidden_layers
-        self.table = CoefficientTable(base_coefficients(act), slots=config.max_adapters + 1,
-                                      groups=config.groups, sites=L, device=self.device)
+        table_kind = CoefficientTable if tp is None else tp.Table  # rank 0's sends its writes
+        self.table = table_kind(base_coefficients(act), slots=config.max_adapters + 1,
+                                groups=config.groups, sites=L, device=self.device)
         rows = min(config.max_lora_adapters, config.max_adapters)  # each needs a table slot
-        self.lora = None if not rows else LoraPool(
+        pool_kind = LoraPool if tp is None else tp.lora_pool_kind(self.hf_config)
+        self.lora = None if not rows else pool_kind(
             slots=rows, rank=config.max_lora_rank, layers=L,
             shapes=projection_shapes(self.hf_config), targets=config.lora_target_modules,
             table_slots=self.table.num_slots, dtype=self.dtype, device=self.device)
@@ -116,6 +124,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.block_q = prefill_block_q(attn.nh, attn.nkv)  # tokens a prefill-kernel tile
         self.num_blocks = self._kv_blocks(attn.nkv, attn.d)
+        if tp is not None:  # rank 0's block tables index every rank's cache
+            self.num_blocks = tp.min_int(self.num_blocks)
         # one extra block past the scheduler's: padding rows of graph replays write there
         shape = (L, (self.num_blocks + 1) * self.block_size, attn.nkv, attn.d)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -124,20 +134,25 @@ class ModelRunner:
         self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # graphs capture the paged decode kernel; the torch path (NORA_BACKEND=torch) attends
         # per sequence from host-side metadata, which a replay cannot change
-        if config.cuda_graphs and self.device.type == "cuda" and use_triton(self.k_cache):
+        if (config.cuda_graphs and self.device.type == "cuda" and use_triton(self.k_cache)
+                and tp is None):  # not with tensor parallelism yet
             self._capture_decode_graphs()
 
     def _load_model(self, checkpoint: Path) -> LlamaModel:
+        tp = self.tp
         with torch.device("meta"):  # no host copy of random weights: 8B would be 32 GB
-            model = LlamaModel(self.hf_config, self.table, self.act, self.config.mode,
-                               self.lora)
+            model = LlamaModel(self.hf_config, self.table if tp is None else
+                               tp.table_shard(self.table), self.act, self.config.mode,
+                               self.lora, linears=DENSE if tp is None else tp.linears)
         model = model.to_empty(device=self.device).to(self.dtype)
         if self.hf_config.tie_word_embeddings:  # leaving the meta device unties them
             model.lm_head.weight = model.embed_tokens.weight
         if self.config.load_format == "dummy":
+            if tp is not None:  # replicated weights must agree across ranks
+                torch.manual_seed(self.config.seed)
             init_random(model)
         else:
-            load_weights(model, checkpoint)
+            (load_weights if tp is None else load_weights_sharded)(model, checkpoint)
         head_dim = model.layers[0].self_attn.d
         model.inv_freq = rope_inv_freq(self.hf_config, head_dim).to(self.device)
         return model.eval().requires_grad_(False)
@@ -209,6 +224,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B', V] float32 of the rows batch.sample_index (a decode step of a captured
         batch size replays its CUDA graph)."""
+        if self.tp is not None:  # tensor parallel: the batch goes to every rank (parallel.py)
+            return self.tp.forward(self.model, batch, self.k_cache, self.v_cache)
         B = batch.input_ids.shape[0]
         graphs = self.graphs if batch.lora_rows is None else self.lora_graphs
         size = next((b for b in sorted(graphs) if b >= B), None)
@@ -229,6 +246,11 @@ class ModelRunner:
         graph, logits = graphs[size]
         graph.replay()
         return logits[:B].clone()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _capture_decode_graphs(self) -> None:
         """Capture decode steps at bucketed batch sizes, without LoRA and (with a LoRA pool)

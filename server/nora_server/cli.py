@@ -50,6 +50,8 @@ ENGINE_FLAGS = {  # EngineConfig field -> help
                            "available memory, at most 2 GiB)",
     "cuda_graphs": "capture decode steps in CUDA graphs on GPU",
     "seed": "seed for requests without one of their own",
+    "tensor_parallel_size": "processes (one per device) that split the model, Megatron style "
+                            "(gloo on the CPU, NCCL on GPUs)",
 }
 SERVER_FLAGS = {  # ServerConfig field -> help
     "host": "address to listen on (0.0.0.0 or :: to expose the server to the network)",
