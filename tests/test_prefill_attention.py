@@ -150,3 +150,19 @@ def test_cuda_real_shapes(dtype):
     new = [128, 1, 77, 300, 1, 1, 64]
     ctx = [128, 513, 77, 1000, 1, 2048, 64]
     check(new, ctx, 32, 8, d=128, bs=16, dtype=dtype, seed=1, device="cuda")
+
+
+def test_bench_attention_smoke():
+    """benchmarks/bench_attention.py runs end to end on tiny shapes (so the H200 run is not
+    the script's first), and its correctness check passes in every case."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = bench.main(["--smoke"])
+    assert [r["case"] for r in doc["rows"]] == list(bench.SMOKE)
+    assert all(r["rel_err"] < 1e-4 and r["kernel_ms"] > 0 for r in doc["rows"])
+    assert bench.flops([(2, 3)], 1, 1) == 4 * (2 + 3)  # positions 1 and 2 see 2 and 3 keys
