@@ -27,7 +27,7 @@ from nora_runtime.kernels.prefill_attention import (
     paged_prefill_attention_ref,
 )
 from nora_runtime.lora_pool import LoraPool
-from nora_runtime.ops import rational_act, use_triton
+from nora_runtime.ops import add_rmsnorm, rational_act, use_triton
 from nora_runtime.parallel import DENSE, Linears
 from nora_runtime.table import CoefficientTable
 
@@ -120,6 +120,13 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor,
+             norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + delta), x + delta): the residual add and the RMSNorm after it, one launch on
+    CUDA (nora_runtime.kernels.rmsnorm)."""
+    return add_rmsnorm(x, delta, norm.weight, norm.eps)
 
 
 class Attention(nn.Module):
@@ -231,11 +238,17 @@ class LlamaModel(nn.Module):
         num_blocks * block_size, nkv, d]; this step's keys and values are written into them."""
         freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]  # [N, d/2]
         cos, sin = freqs.cos(), freqs.sin()
-        x = self.embed_tokens(batch.input_ids)
-        for i, layer in enumerate(self.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), batch, cos, sin, k_cache[i],
-                                    v_cache[i])
-            x = x + layer.mlp(layer.post_attention_layernorm(x), batch)
+        x = self.embed_tokens(batch.input_ids)  # the residual stream
+        h = self.layers[0].input_layernorm(x)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):  # x = x + attn(norm(x)); x = x + mlp(norm(x))
+            a = layer.self_attn(h, batch, cos, sin, k_cache[i], v_cache[i])
+            h, x = add_norm(x, a, layer.post_attention_layernorm)
+            m = layer.mlp(h, batch)
+            if i < last:  # the add and the next layer's norm in one launch
+                h, x = add_norm(x, m, self.layers[i + 1].input_layernorm)
+            else:
+                x = x + m
         x = self.norm(x[batch.sample_index])
         return self.lm_head(x).float()
 

@@ -1,7 +1,8 @@
 """The multi-tenant rational activation as one call: Triton on GPU, the torch reference on CPU.
 
 `lora_delta(y, x, A, B, scale, idx)` adds each token's own LoRA delta the same way (Triton on
-CUDA, `lora_ref` elsewhere).
+CUDA, `lora_ref` elsewhere), and `add_rmsnorm(x, delta, weight, eps)` a decoder layer's
+residual add and the RMSNorm after it (one launch on CUDA).
 
 `rational_act(x, table, slot, ...)` computes, for every token t, the activation of x[t] with the
 coefficients of table row slot[t] (semantics in nora_runtime.kernels.rational_fwd), and is
@@ -22,8 +23,11 @@ try:  # triton is only a dependency on Linux x86_64 (the engine's model needs it
     from nora_runtime.kernels.lora import lora_forward, lora_ref
     from nora_runtime.kernels.rational_bwd import rational_backward
     from nora_runtime.kernels.rational_fwd import rational_forward
+    from nora_runtime.kernels.rmsnorm import add_rmsnorm as add_rmsnorm_triton
+    from nora_runtime.kernels.rmsnorm import add_rmsnorm_ref
 except ImportError:  # pragma: no cover - platforms without triton
     rational_forward = rational_backward = lora_forward = lora_ref = None
+    add_rmsnorm_triton = add_rmsnorm_ref = None
 
 
 def rational_act_ref(
@@ -113,3 +117,12 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
         x = x if x.stride(-1) == 1 else x.contiguous()
         return lora_forward(y, x, A, B, scale, idx)
     return lora_ref(y, x, A, B, scale, idx)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * rmsnorm(x + delta), x + delta) (nora_runtime.kernels.rmsnorm): one launch on
+    CUDA, the torch code elsewhere. Inference only."""
+    if use_triton(x):
+        return add_rmsnorm_triton(x, delta, weight, eps)
+    return add_rmsnorm_ref(x, delta, weight, eps)
