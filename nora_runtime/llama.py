@@ -26,6 +26,7 @@ from nora_runtime.kernels.prefill_attention import (
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )
+from nora_runtime.kernels.rope_cache import rope_and_cache
 from nora_runtime.lora_pool import LoraPool
 from nora_runtime.ops import add_rmsnorm, rational_act, use_triton
 from nora_runtime.parallel import DENSE, Linears
@@ -151,10 +152,13 @@ class Attention(nn.Module):
         q = _lora(self.q_proj(x), x, batch, lora, l, "q_proj").view(N, self.nh, self.d)
         k = _lora(self.k_proj(x), x, batch, lora, l, "k_proj").view(N, self.nkv, self.d)
         v = _lora(self.v_proj(x), x, batch, lora, l, "v_proj").view(N, self.nkv, self.d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # k_cache/v_cache: [num_blocks * block_size, nkv, d] views of this layer's cache
-        k_cache.index_copy_(0, batch.kv_index, k)
-        v_cache.index_copy_(0, batch.kv_index, v)
+        if use_triton(q):  # RoPE and the cache write in one launch
+            q = rope_and_cache(q, k, v, cos, sin, batch.kv_index, k_cache, v_cache)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache.index_copy_(0, batch.kv_index, k)
+            v_cache.index_copy_(0, batch.kv_index, v)
         if not use_triton(q):  # CPU: per-sequence SDPA through the block tables
             q_start = batch.q_start
             if q_start is None:
