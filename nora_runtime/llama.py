@@ -214,8 +214,9 @@ class LlamaModel(nn.Module):
     """Llama-family causal LM over a paged KV cache. `table` holds every resident adapter's
     coefficients (slot 0 = base); `act` is the base activation the rationals replace; `lora`
     (None: no LoRA) holds every resident LoRA adapter's factors. `linears` builds the decoder
-    layers' projections (parallel.DENSE: plain; under tensor parallelism, this rank's share, and
-    then `table` is the table's groups that its channels read, parallel.TableShard)."""
+    layers' projections, the embedding and the lm_head (parallel.DENSE: plain; under tensor
+    parallelism, this rank's share, and then `table` is the table's groups that its channels
+    read, parallel.TableShard)."""
 
     def __init__(self, config, table: CoefficientTable, act: str, mode: str,
                  lora: LoraPool | None = None, linears: Linears = DENSE) -> None:
@@ -223,11 +224,11 @@ class LlamaModel(nn.Module):
         if config.model_type not in SUPPORTED:
             raise ValueError(f"model_type {config.model_type!r} is not Llama-family {SUPPORTED}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = linears.embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, table, act, mode, lora, linears)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = linears.head(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         head_dim = self.layers[0].self_attn.d

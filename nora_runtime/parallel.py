@@ -7,9 +7,16 @@ Every rank holds a slice of each decoder layer: column-parallel q/k/v and fused 
 share of the heads and of the MLP channels), row-parallel o_proj and down_proj (the matching
 input slice; one all-reduce each per layer sums the partial outputs). Attention heads and the
 KV cache split by KV head; with more ranks than KV heads, ranks share (replicate) one. The
-embedding, norms and lm_head are replicated (first cut: no vocab-parallel embedding; a 70B
-Llama's 128k x 8k embedding and head are 2 GiB each in bf16, so splitting them is the next
-saving). The model file knows only the linear layers' kind (`Linears`, DESIGN.md s4).
+embedding and lm_head are vocab-parallel, the only kind under tensor parallelism: replicated,
+a 70B Llama's 128k x 8k embedding and head (2 GiB each in bf16) would cost every rank 4 GiB,
+split they cost 4/N; the price is one more all-reduce a step ([N, H], like each layer's two)
+and a gather of the sampled rows' logits, and keeping the replicated kind beside it would be
+more code, not less. Each rank holds a contiguous slice of the vocabulary's rows (vocab_slice:
+ceil(V / N) rows a rank, the last one fewer when N does not divide V); tied embeddings share
+the slice. The embedding looks up the ids in its slice, zeros the others and all-reduces
+[N, H]; the head computes its slice of the sampled rows' logits [B', V / N] and rank 0 gathers
+them into [B', V] (a gather, not an all-gather: only rank 0 samples). The norms are
+replicated. The model file knows only the layers' kind (`Linears`, DESIGN.md s4).
 
 NoRA needs no sharding: every rank keeps the whole coefficient table (KBs per adapter) and
 receives every write; a rank's activation reads only the groups its MLP channels fall in
@@ -65,7 +72,8 @@ IDLE_TIMEOUT = 365 * 86400.0  # a worker waits this long for the next command (a
 
 
 class Linears:
-    """Builds a model's linear layers; this one, for a single process, plain nn.Linear.
+    """Builds a model's linear layers (and its embedding and lm_head); this one, for a single
+    process, plain nn.Linear and nn.Embedding.
 
     column(n_in, n_out, heads=, kv_heads=, fused=): each process computes a share of the
     outputs. heads: the outputs are `heads` attention heads, which go to processes by the
@@ -73,6 +81,9 @@ class Linears:
     concatenated (gate and up), each split on its own.
     row(n_in, n_out, heads=, kv_heads=): each process reads the share of the inputs that a
     column-parallel layer before it computed; the partial outputs are summed across processes.
+    embedding(vocab, dim) / head(dim, vocab): the token embedding and the lm_head (logits
+    [B', vocab] on the process that samples); tying the head's weight to the embedding's must
+    keep working (both split the vocabulary alike).
     """
 
     def column(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
@@ -83,8 +94,25 @@ class Linears:
             kv_heads: int | None = None) -> nn.Linear:
         return nn.Linear(n_in, n_out, bias=bias)
 
+    def embedding(self, vocab: int, dim: int) -> nn.Embedding:
+        return nn.Embedding(vocab, dim)
+
+    def head(self, dim: int, vocab: int) -> nn.Linear:
+        return nn.Linear(dim, vocab, bias=False)
+
 
 DENSE = Linears()
+
+
+def vocab_slice(vocab: int, rank: int, size: int) -> slice:
+    """The vocabulary rows `rank` of `size` holds: ceil(vocab / size) each, the last rank the
+    rest (fewer when size does not divide vocab), so that the gathered logits of ranks 0..N-1
+    are the vocabulary in order once cut to `vocab` columns."""
+    per = -(-vocab // size)
+    if (size - 1) * per >= vocab:
+        raise ValueError(f"vocab_size={vocab} leaves a rank no rows over "
+                         f"tensor_parallel_size={size}")
+    return slice(rank * per, min(vocab, (rank + 1) * per))
 
 
 def head_slice(heads: int, kv_heads: int, rank: int, size: int) -> slice:
@@ -153,8 +181,51 @@ class RowParallelLinear(nn.Linear):
         return (slice(None), self.cols) if name == "weight" else ()
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """This rank's rows `rows` of the token embedding (Linears.embedding): ids outside them
+    look up zeros, and the all-reduce sums every rank's rows into the whole embedding."""
+
+    def __init__(self, vocab: int, dim: int, *, group: Group) -> None:
+        self.rows = vocab_slice(vocab, group.rank, group.size)
+        super().__init__(self.rows.stop - self.rows.start, dim)
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.rows.start  # [N]
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # [N, H]
+        x.masked_fill_(outside[:, None], 0)
+        self.group.all_reduce(x)
+        return x
+
+    def shard_index(self, name: str) -> tuple[slice, ...]:
+        return (self.rows,)
+
+
+class VocabParallelHead(nn.Linear):
+    """This rank's vocabulary rows of the lm_head (Linears.head): the forward computes their
+    logits and gathers every rank's to rank 0, which gets [B', vocab]; the other ranks get
+    their own slice [B', rows]."""
+
+    def __init__(self, dim: int, vocab: int, *, group: Group) -> None:
+        self.rows = vocab_slice(vocab, group.rank, group.size)
+        super().__init__(dim, self.rows.stop - self.rows.start, bias=False)
+        self.group, self.vocab = group, vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # [B', rows]
+        per = -(-self.vocab // self.group.size)
+        if y.shape[1] < per:  # the last rank's slice, padded: gathers take equal shapes
+            y = F.pad(y, (0, per - y.shape[1]))
+        parts = self.group.gather(y.contiguous())
+        return y if parts is None else torch.cat(parts, dim=1)[:, :self.vocab]
+
+    def shard_index(self, name: str) -> tuple[slice, ...]:
+        return (self.rows,)
+
+
 class ParallelLinears(Linears):
-    """Linears of one rank of a tensor-parallel group."""
+    """Linears (and embedding, head) of one rank of a tensor-parallel group."""
 
     def __init__(self, group: Group) -> None:
         self.group = group
@@ -169,6 +240,12 @@ class ParallelLinears(Linears):
             kv_heads: int | None = None) -> nn.Linear:
         return RowParallelLinear(n_in, n_out, bias=bias, group=self.group, heads=heads,
                                  kv_heads=kv_heads)
+
+    def embedding(self, vocab: int, dim: int) -> nn.Embedding:
+        return VocabParallelEmbedding(vocab, dim, group=self.group)
+
+    def head(self, dim: int, vocab: int) -> nn.Linear:
+        return VocabParallelHead(dim, vocab, group=self.group)
 
 
 def load_weights_sharded(model: nn.Module, path: Path) -> None:
@@ -310,6 +387,30 @@ class Group:
             opts.timeout = timedelta(seconds=timeout)
         self.dev.allreduce([t], opts).wait()
 
+    def gather(self, t: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `t` (one shape on all) on rank 0, in rank order; None elsewhere."""
+        out = [[torch.empty_like(t) for _ in range(self.size)]] if self.rank == 0 else []
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        self.dev.gather(out, [t], opts).wait()
+        return out[0] if self.rank == 0 else None
+
+    def gather_object(self, obj):
+        """Every rank's `obj` on rank 0, in rank order (pickled, on gloo); None elsewhere."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=5)), dtype=torch.uint8)
+        longest = -self.min_int(-data.numel())  # gathers take equal shapes: pad to it
+        sent = [torch.tensor([data.numel()]), F.pad(data, (0, longest - data.numel()))]
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        got = []
+        for t in sent:  # lengths, then the padded bytes
+            out = [[torch.empty_like(t) for _ in range(self.size)]] if self.rank == 0 else []
+            self.cpu.gather(out, [t], opts).wait()
+            got.append(out[0] if self.rank == 0 else None)
+        if self.rank != 0:
+            return None
+        return [pickle.loads(b[:int(n)].numpy().tobytes()) for n, b in zip(*got, strict=True)]
+
     def min_int(self, n: int) -> int:
         """The smallest of every rank's n (after loading: bounded by STARTUP_TIMEOUT)."""
         t = torch.tensor([-n], dtype=torch.long)  # max of -n: gloo and NCCL both have MAX
@@ -358,6 +459,10 @@ def digest(table: CoefficientTable) -> int:
     """A 56-bit hash of a coefficient table's contents."""
     data = table.data.detach().cpu().contiguous().numpy().tobytes()
     return int.from_bytes(hashlib.sha256(data).digest()[:7], "little")
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 class TensorParallelError(RuntimeError):
@@ -435,6 +540,11 @@ class Leader:
         """Run one step on every rank; rank 0's logits."""
         with self._command(("step", _map_tensors(batch, lambda t: t.cpu()))):
             return model(batch, k_cache, v_cache)
+
+    def parameter_shapes(self, model) -> list[dict[str, tuple[int, ...]]]:
+        """Every rank's model parameters' shapes, in rank order (tests, diagnosis)."""
+        with self._command(("shapes",)):
+            return self.group.gather_object(parameter_shapes(model))
 
     def tables_agree(self, table: CoefficientTable) -> bool:
         """Whether every rank's coefficient table equals rank 0's `table` (tests, diagnosis)."""
@@ -530,6 +640,7 @@ def launch(config, checkpoint: Path) -> Leader | None:
     hf, size = AutoConfig.from_pretrained(checkpoint), config.tensor_parallel_size
     for rank in range(size):
         projection_slices(hf, rank, size)
+        vocab_slice(hf.vocab_size, rank, size)
     if config.groups % size and size % config.groups:
         raise ValueError(f"rational groups ({config.groups}) and tensor_parallel_size "
                          f"({size}) must divide one another")
@@ -569,10 +680,11 @@ class Follower:
         device = self.device
         while True:
             op, *args = self.group.broadcast_object(timeout=IDLE_TIMEOUT)
-            if op == "step":
+            if op == "step":  # the head's gather brings this rank's logit slice to rank 0
                 batch = _map_tensors(args[0], lambda t: t.to(device))
-                batch.sample_index = batch.sample_index[:0]  # rank 0 samples: no lm_head here
                 runner.model(batch, runner.k_cache, runner.v_cache)
+            elif op == "shapes":
+                self.group.gather_object(parameter_shapes(runner.model))
             elif op == "table":
                 slot, coefs = args
                 runner.table.write(slot, coefs)

@@ -1,15 +1,18 @@
 """Tensor parallelism on the CPU (issue 14): 2 processes joined by gloo compute what one does.
 
-The tiny test model (4 query heads, 2 KV heads, 384 MLP channels in 8 rational groups) split
-over 2 ranks, float32: logits of mixed-adapter prefill and decode steps and greedy tokens equal
-one process's; adapter load, replace and unload reach the worker; a killed worker stops the
-engine (error set, nora-serve exits non-zero) within seconds instead of hanging.
+The tiny test model (4 query heads, 2 KV heads, 384 MLP channels in 8 rational groups; its
+tied embedding cut to 263 rows, which do not split evenly) over 2 ranks, float32: logits of
+mixed-adapter prefill and decode steps and greedy tokens equal one process's, each rank holding
+only its vocabulary slice; adapter load, replace and unload reach the worker; a killed worker
+stops the engine (error set, nora-serve exits non-zero) within seconds instead of hanging.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nora_runtime.adapter import adapter_to_bytes
@@ -27,7 +30,7 @@ from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
 from nora_runtime.lora import PROJECTIONS, pack_peft_files
 from nora_runtime.lora_pool import projection_shapes
-from nora_runtime.parallel import ColumnParallelLinear, TableShard, head_slice
+from nora_runtime.parallel import ColumnParallelLinear, TableShard, head_slice, vocab_slice
 from nora_runtime.sampling import SamplingParams
 from nora_runtime.table import CoefficientTable
 from nora_runtime.tiny import byte_tokenizer, random_adapter, tiny_checkpoint
@@ -43,10 +46,31 @@ def config(tp: int, **kw) -> EngineConfig:
                         max_adapters=4, max_lora_adapters=2, tensor_parallel_size=tp, **kw)
 
 
+ODD_VOCAB = 263  # over 2 ranks: 132 rows and 131
+
+
 @pytest.fixture(scope="module")
-def engines():
-    one = Engine(config(1)).start()
-    two = Engine(config(2)).start()
+def odd_vocab_checkpoint(tmp_path_factory):
+    """The tiny checkpoint (tied embeddings) with its vocabulary cut to ODD_VOCAB rows (the
+    byte tokenizer's ids stop at 258): the same model otherwise, so adapters that change its
+    greedy tokens still do."""
+    path = tmp_path_factory.mktemp("odd-vocab")
+    for f in tiny_checkpoint().iterdir():
+        shutil.copy(f, path / f.name)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["tie_word_embeddings"]
+    (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": ODD_VOCAB}))
+    weights = load_file(path / "model.safetensors")
+    weights = {k: v[:ODD_VOCAB] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+               for k, v in weights.items()}
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def engines(odd_vocab_checkpoint):
+    one = Engine(config(1, model=str(odd_vocab_checkpoint))).start()
+    two = Engine(config(2, model=str(odd_vocab_checkpoint))).start()
     yield one, two
     two.shutdown()
     one.shutdown()
@@ -129,6 +153,13 @@ def test_logits_and_greedy_tokens_equal_one_process(engines):
     attn = two.runner.model.layers[0].self_attn
     assert (attn.nh, attn.nkv) == (2, 1)  # half the heads, one KV head, on each rank
     assert two.runner.k_cache.shape[2] == 1
+    # vocab-parallel: each rank holds its slice of the tied embedding / head, nothing more
+    model = two.runner.model
+    assert model.lm_head.weight is model.embed_tokens.weight
+    shapes = two.runner.tp.parameter_shapes(model)
+    assert [s["embed_tokens.weight"] for s in shapes] == [(132, 128), (131, 128)]
+    assert not any("lm_head.weight" in s for s in shapes)  # tied: one tensor
+    assert one.runner.model.embed_tokens.weight.shape == (ODD_VOCAB, 128)  # one process: all
     slots = {}
     for e in engines:
         e.load_adapter("a", adapter_bytes(e, 1))
@@ -140,6 +171,7 @@ def test_logits_and_greedy_tokens_equal_one_process(engines):
         assert slots[one] == slots[two]
         ref, got = logits_of_steps(one, slots[one]), logits_of_steps(two, slots[two])
         for x, y in zip(ref, got, strict=True):
+            assert y.shape == x.shape == (x.shape[0], ODD_VOCAB)
             torch.testing.assert_close(y, x, rtol=0, atol=2e-4)
             assert torch.equal(y.argmax(-1), x.argmax(-1))
         adapters = [None, "a", "b", "l"]
@@ -207,6 +239,12 @@ def test_sharding_rules():
     assert gate_up.rows == slice(3, 6) and gate_up.out_features == 6
     with pytest.raises(ValueError, match="split"):
         ColumnParallelLinear(8, 6, bias=False, rank=0, size=4)
+    # vocabulary: ceil(V / N) rows a rank, the last one the rest
+    assert [vocab_slice(263, r, 2) for r in (0, 1)] == [slice(0, 132), slice(132, 263)]
+    assert [vocab_slice(10, r, 4) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 9),
+                                                        slice(9, 10)]
+    with pytest.raises(ValueError, match="no rows"):
+        vocab_slice(5, 0, 4)  # 2, 2, 1, 0 rows
 
 
 def test_config_and_flag(monkeypatch):
@@ -234,9 +272,10 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
 
 @pytest.fixture(scope="module")
 def uneven_checkpoint(tmp_path_factory):
-    """A Llama with 6 query and 3 KV heads: over 2 ranks, one KV head on rank 0, two on 1."""
+    """A Llama with 6 query and 3 KV heads: over 2 ranks, one KV head on rank 0, two on 1;
+    untied embedding and head of 263 rows: 132 on rank 0, 131 on 1."""
     path = tmp_path_factory.mktemp("uneven")
-    cfg = LlamaConfig(vocab_size=264, hidden_size=96, intermediate_size=192,
+    cfg = LlamaConfig(vocab_size=ODD_VOCAB, hidden_size=96, intermediate_size=192,
                       num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
                       initializer_range=0.1, tie_word_embeddings=False, bos_token_id=256,
                       eos_token_id=257)
@@ -248,7 +287,8 @@ def uneven_checkpoint(tmp_path_factory):
 
 def test_uneven_kv_split_then_a_dead_worker_fails_the_engine_clearly(uneven_checkpoint):
     """One engine for two checks (each TP engine spawns a worker: seconds on a 2-core CI):
-    KV heads that do not divide over the ranks give one process's tokens; then a worker killed
+    KV heads and an untied vocabulary that do not divide over the ranks give one process's
+    logits and tokens; then a worker killed
     mid-generation ends its request with an error and stops the engine (error set, new
     requests refused) within seconds."""
     model = str(uneven_checkpoint)
@@ -256,6 +296,13 @@ def test_uneven_kv_split_then_a_dead_worker_fails_the_engine_clearly(uneven_chec
     engine = Engine(config(2, model=model)).start()
     try:
         assert engine.runner.model.layers[0].self_attn.nkv == 1  # rank 0's share
+        shapes = engine.runner.tp.parameter_shapes(engine.runner.model)
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            assert [s[name] for s in shapes] == [(132, 96), (131, 96)]
+        for x, y in zip(logits_of_steps(one, [0] * 4), logits_of_steps(engine, [0] * 4),
+                        strict=True):
+            assert y.shape == x.shape == (x.shape[0], ODD_VOCAB)
+            torch.testing.assert_close(y, x, rtol=0, atol=2e-4)
         for e in (one, engine):
             e.load_adapter("a", adapter_bytes(e, 5))
             e.load_adapter("l", lora_bytes(e, 6))
