@@ -27,11 +27,15 @@ Tasks (chat, greedy decoding; success measured on held-out questions):
 Rows: llm_adapt_<task>_<method>_acc (mean over seeds; _seed<k> per seed), trainable
 parameters, adapter file bytes and train seconds per method.
 
-    # one H200, bf16: 4 tasks x 5 methods x 3 seeds = 60 runs of 150 steps x batch 16
-    # (estimated 5-9 min, not yet measured there). MODEL: a checkpoint directory, e.g. the
-    # default model as converted by nora_runtime.checkpoint.default_checkpoint() (no gguf
-    # package needed to read it)
+    # one H200, bf16: 4 tasks x 5 methods x 3 seeds = 60 runs of 150 steps x batch 16, about
+    # 22 s a run (a 135M model: small kernels, far from the GPU's limits), so ~22 min in one
+    # process; benchmarks/results/llm-adapt.md ran as 4 processes at once, one per task
+    # (8 min), joined by --merge. MODEL: a checkpoint directory, e.g. the default model as
+    # converted by nora_runtime.checkpoint.default_checkpoint() (no gguf package needed)
     python benchmarks/llm_adapt.py --model MODEL
+    for t in sign-off uppercase json facts; do
+        python benchmarks/llm_adapt.py --model MODEL --tasks $t --out /tmp/la/$t & done; wait
+    python benchmarks/llm_adapt.py --merge /tmp/la/{sign-off,uppercase,json,facts}.json
     python benchmarks/llm_adapt.py --model MODEL --select     # pick lrs first (~2x the time)
     python benchmarks/llm_adapt.py --smoke                    # CPU pipeline check, tiny model
 
