@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,9 +283,12 @@ def checkpoint_names(model: LlamaModel) -> dict[str, tuple[str, int]]:
     return names
 
 
-def load_weights(model: LlamaModel, path: Path) -> None:
+def load_weights(model: LlamaModel, path: Path,
+                 index: Callable[[str], tuple] | None = None) -> None:
     """Copy a transformers checkpoint's tensors into `model` (gate_proj and up_proj into the
-    fused gate_up_proj). Every parameter must be found; other tensors are ignored."""
+    fused gate_up_proj). Every parameter must be found; other tensors are ignored. index:
+    parameter name -> the slice of its checkpoint tensor to read (() or None: all of it; a
+    tensor-parallel rank reads only its share)."""
     params = dict(model.named_parameters())
     wanted = checkpoint_names(model)
     for file in checkpoint_files(path):
@@ -293,10 +297,11 @@ def load_weights(model: LlamaModel, path: Path) -> None:
                 if name not in wanted:
                     continue
                 target, half = wanted.pop(name)
+                part = index(target) if index is not None else ()
                 dst = params[target].data
                 if half >= 0:
                     dst = dst.chunk(2, dim=0)[half]
-                dst.copy_(f.get_tensor(name))
+                dst.copy_(f.get_slice(name)[part] if part else f.get_tensor(name))
     if wanted:
         missing = sorted(wanted)
         more = " ..." if len(missing) > 5 else ""

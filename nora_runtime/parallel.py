@@ -251,28 +251,15 @@ class ParallelLinears(Linears):
 def load_weights_sharded(model: nn.Module, path: Path) -> None:
     """llama.load_weights for a tensor-parallel rank: each parallel layer reads only its slice
     of the checkpoint's tensors (safetensors slices: no full copy of a 70B projection)."""
-    from safetensors import safe_open
+    from nora_runtime.llama import load_weights
 
-    from nora_runtime.llama import checkpoint_files, checkpoint_names
-
-    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    wanted = checkpoint_names(model)
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                if name not in wanted:
-                    continue
-                target, half = wanted.pop(name)
-                owner, _, leaf = target.rpartition(".")
-                index = getattr(modules[owner], "shard_index", lambda _: ())(leaf)
-                tensor = f.get_slice(name)[index] if index else f.get_tensor(name)
-                dst = params[target].data
-                if half >= 0:
-                    dst = dst.chunk(2, dim=0)[half]
-                dst.copy_(tensor)
-    if wanted:
-        raise ValueError(f"checkpoint {path} lacks {sorted(wanted)[:5]}")
+
+    def index(target: str) -> tuple:
+        owner, _, leaf = target.rpartition(".")
+        return getattr(modules[owner], "shard_index", lambda _: ())(leaf)
+
+    load_weights(model, path, index=index)
 
 
 def projection_slices(hf_config, rank: int, size: int) -> dict[str, tuple[str, slice]]:
