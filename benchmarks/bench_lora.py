@@ -67,22 +67,25 @@ ROWS = [("lora_mixed_vs_base_b128_ratio", "x"), ("norapp_mixed_vs_base_b128_rati
         ("kernels_layer_default_us", "us"), ("kernels_layer_per_token_us", "us")]
 
 
-def peft_lora_bytes(cfg, seed: int, dtype: torch.dtype = torch.bfloat16) -> bytes:
-    """A packed PEFT LoRA (r = 16, all seven projections, every layer) of the model's shape."""
-    g = torch.Generator().manual_seed(seed)
+def peft_lora_bytes(cfg, seed: int, dtype: torch.dtype = torch.bfloat16, *, rank: int = RANK,
+                    targets: tuple[str, ...] = PROJECTIONS,
+                    generator: torch.Generator | None = None) -> bytes:
+    """A packed PEFT LoRA of the model's shape: rank `rank` on `targets` of every layer, random
+    factors (drawn from `generator` if given, else from a fresh one seeded with `seed`)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     shapes = projection_shapes(cfg)
     tensors = {}
     for l in range(cfg.num_hidden_layers):
-        for m in PROJECTIONS:
+        for m in targets:
             n_in, n_out = shapes[m]
             part = "self_attn" if m in ATTENTION else "mlp"
             key = f"base_model.model.model.layers.{l}.{part}.{m}"
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(RANK, n_in, generator=g)
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, n_in, generator=g)
                                                * n_in ** -0.5).to(dtype)
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(n_out, RANK, generator=g)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(n_out, rank, generator=g)
                                                * 0.01).to(dtype)
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "bias": "none",
-              "target_modules": list(PROJECTIONS), "use_dora": False, "use_rslora": False}
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+              "target_modules": list(targets), "use_dora": False, "use_rslora": False}
     return pack_peft_files(config, st_save(tensors))
 
 

@@ -317,31 +317,18 @@ def adapter_blobs(info, count: int, seed: int):
             yield adapter_to_bytes(m, base_fingerprint=info.fingerprint)
 
 
-def lora_blobs(info, count: int, seed: int, rank: int, targets: tuple[str, ...],
-               shapes: dict[str, tuple[int, int]]):
-    """`count` distinct PEFT LoRA adapters (packed adapter_config.json + bf16
-    adapter_model.safetensors, as nora_runtime.lora.pack_peft makes of a directory) of rank
-    `rank` on `targets` of every layer: random factors, a new draw for each."""
+def lora_blobs(info, count: int, seed: int, rank: int, targets: tuple[str, ...], hf_config):
+    """`count` distinct PEFT LoRA adapters (packed, as nora_runtime.lora.pack_peft makes of a
+    directory) of rank `rank` on `targets` of every layer: bench_lora's random bf16 factors,
+    a new draw for each."""
     import torch
-    from safetensors.torch import save as st_save
 
-    from nora_runtime.lora import ATTENTION, pack_peft_files
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_lora import peft_lora_bytes
 
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": list(targets), "bias": "none"}
     gen = torch.Generator().manual_seed(seed)
     for _ in range(count):
-        tensors = {}
-        for layer in range(info.num_layers):
-            for proj in targets:
-                d_in, d_out = shapes[proj]
-                part = "self_attn" if proj in ATTENTION else "mlp"
-                name = f"base_model.model.model.layers.{layer}.{part}.{proj}"
-                tensors[f"{name}.lora_A.weight"] = (
-                    torch.randn(rank, d_in, generator=gen) / d_in ** 0.5).bfloat16()
-                tensors[f"{name}.lora_B.weight"] = (
-                    torch.randn(d_out, rank, generator=gen) * 0.01).bfloat16()
-        yield pack_peft_files(config, st_save(tensors))
+        yield peft_lora_bytes(hf_config, seed, rank=rank, targets=targets, generator=gen)
 
 
 async def model_info(target: str):
@@ -507,12 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.adapter_kind == "lora":
             from transformers import AutoConfig
 
-            from nora_runtime.lora_pool import projection_shapes
-
             targets = tuple(a.lora_targets.split(","))
             want.update(rank=a.lora_rank, targets=targets)
             blobs = partial(lora_blobs, rank=a.lora_rank, targets=targets,
-                            shapes=projection_shapes(AutoConfig.from_pretrained(model)))
+                            hf_config=AutoConfig.from_pretrained(model))
         else:
             blobs = adapter_blobs
         if n_adapters and a.adapter_load == "store":
