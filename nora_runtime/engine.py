@@ -547,7 +547,10 @@ class Engine:
         """`sample`'s per-row inputs beyond the history: generated tokens (presence and
         frequency penalties), the grammar's allowed tokens, and the EOS and stop ids a row may
         not take before min_new_tokens (not for constrained rows: their grammar decides where
-        the output ends)."""
+        the output ends). {} when no row uses any of them (the usual step: nothing built)."""
+        if not any(r.matcher is not None or r.params.presence_penalty
+                   or r.params.frequency_penalty or r.params.min_new_tokens for r in reqs):
+            return {}
         outputs = [r.seq.output_ids if r.params.presence_penalty or r.params.frequency_penalty
                    else () for r in reqs]
         allowed = [r.matcher.allowed() if r.matcher is not None else None for r in reqs]
