@@ -122,11 +122,58 @@ def run(cases: dict, nh: int, nkv: int, d: int, dtype, device) -> list[dict]:
     return out
 
 
+def sweep(cases: dict, nh: int, nkv: int, d: int, dtype, device) -> list[dict]:
+    """Time the kernel over block sizes, warps and stages on every case (CUDA): the tuning
+    table. A config that does not fit (shared memory, registers) is recorded as failed."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    from nora_runtime.kernels.prefill_attention import (
+        paged_prefill_attention,
+        paged_prefill_attention_ref,
+        prefill_block_q,
+        prefill_tiles,
+    )
+
+    rows = []
+    made = {name: make_case(seqs, nh, nkv, d, dtype, device) for name, seqs in cases.items()}
+    want = {name: paged_prefill_attention_ref(c["q"], c["k"], c["v"], c["tables"], c["ctx"],
+                                              c["q_start"], BLOCK).float()
+            for name, c in made.items()}
+    for bm, bn, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8),
+                                                   (1, 2, 3)):
+        if bm == 128 and bn == 128:
+            continue
+        block_q = prefill_block_q(nh, nkv, bm)
+        row = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+        for name, c in made.items():
+            tiles = torch.from_numpy(prefill_tiles(c["n_new"], block_q, c["ctx_np"])).to(device)
+
+            def fn(c=c, tiles=tiles, kw=dict(block_q=block_q, block_n=bn, num_warps=warps,
+                                              num_stages=stages)):
+                return paged_prefill_attention(c["q"], c["k"], c["v"], c["tables"], c["ctx"],
+                                               c["q_start"], BLOCK, tiles, **kw)
+            try:
+                err = ((fn().float() - want[name]).abs().max() / want[name].abs().max()).item()
+                row[name] = do_bench(fn, warmup=10, rep=60, return_mode="median")
+                row[name + "_err"] = err
+            except Exception as e:  # out of resources: keep sweeping
+                row[name] = float("nan")
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items() if not k.endswith("_err")), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="results name under benchmarks/results/")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton's "
                    "interpreter): checks the script, its numbers mean nothing")
+    p.add_argument("--sweep", action="store_true", help="also time block sizes, warps and "
+                   "stages (CUDA); the table goes to the json's 'sweep'")
     a = p.parse_args(argv)
     if a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -146,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
            "shape": {"nh": nh, "nkv": nkv, "d": d, "block_size": BLOCK,
                      "dtype": str(dtype).removeprefix("torch.")},
            "rows": rows}
+    if a.sweep and device.type == "cuda":
+        doc["sweep"] = sweep(CASES, nh, nkv, d, dtype, device)
     if a.out:
         out = RESULTS / a.out
         out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -16,7 +16,9 @@ What is timed (medians of many runs after warm-up):
 - mixed_vs_base_b128_ratio: the b128 step with 128 sequences on 128 distinct adapters over the
   same step with no adapter (interleaved repeats).
 - throughput_tok_s: closed loop, 256 requests (random 128-token prompts, 128 new tokens each,
-  greedy, ignore EOS) submitted at once to a started Engine; generated tokens / wall time.
+  greedy, ignore EOS) submitted at once to a started Engine; generated tokens / wall time;
+  median of 3 runs after a warm-up.
+- prefill_tok_s: 8 prompts of 2,048 tokens, one new token each: prompt tokens / wall time.
   hf_generate_tok_s: transformers' generate on the same 256 prompts in one batch.
 - adapter_load_ms_p50/p99: Engine.load_adapter of 8B-shaped adapter files (32 sites, G = 8)
   from bytes, 100,000 ids into a 100,000-slot table, idle engine; *_busy_*: loads while the
@@ -51,6 +53,7 @@ from nora_runtime.tiny import byte_tokenizer
 
 CTX = 512
 THROUGHPUT = (256, 128, 128)  # requests, prompt tokens, new tokens
+PREFILL = (8, 2048)  # requests, prompt tokens
 
 
 def model_config(small: bool) -> LlamaConfig:
@@ -254,6 +257,34 @@ def bench_hf(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
 
 
 
+def bench_prefill(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
+    """prefill_tok_s: 8 prompts of 2,048 tokens (random ids) submitted at once to a started
+    Engine, one new token each; prompt tokens / wall time to the last finish. Median of 3
+    after a warm-up."""
+    n_req, n_prompt = (8, 256) if small else PREFILL
+    ecfg = EngineConfig(model=str(ckpt), load_format="dummy", max_num_seqs=64,
+                        max_model_len=n_prompt + 64, max_num_batched_tokens=8192,
+                        kv_memory_fraction=0.3, max_adapters=16, kv_cache_tokens_cpu=40_000)
+    engine = Engine(ecfg).start()
+    params = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+
+    def once() -> float:
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        prompts = torch.randint(0, cfg.vocab_size, (n_req, n_prompt)).tolist()
+        t = time.perf_counter()
+        for p in prompts:
+            engine.submit(p, params, on_event=lambda e: e.finish_reason and done.put(e))
+        for _ in range(n_req):
+            done.get(timeout=600)
+        return n_req * n_prompt / (time.perf_counter() - t)
+
+    once()
+    runs = [once() for _ in range(3)]
+    res["prefill_runs_tok_s"], res["prefill_tok_s"] = runs, statistics.median(runs)
+    print(f"prefill {res['prefill_tok_s']:.0f} tok/s ({n_req} x {n_prompt})", flush=True)
+    engine.shutdown()
+
+
 def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
     """Closed-loop throughput, and adapter hot-load times idle and while serving."""
     slots = 1000 if small else 100_000
@@ -280,8 +311,11 @@ def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
         return n_req * n_new / wall
 
     closed_loop([None] * n_req)  # warm-up: prefill shapes, sampling
-    res["throughput_tok_s"] = closed_loop([None] * n_req)
-    print(f"engine throughput {res['throughput_tok_s']:.0f} tok/s", flush=True)
+    runs = [closed_loop([None] * n_req) for _ in range(3)]
+    res["throughput_runs_tok_s"] = runs
+    res["throughput_tok_s"] = statistics.median(runs)
+    print(f"engine throughput {res['throughput_tok_s']:.0f} tok/s (median of "
+          f"{', '.join(f'{r:.0f}' for r in runs)})", flush=True)
 
     blobs = [random_adapter(engine.info.fingerprint, cfg.num_hidden_layers, s) for s in range(16)]
     res["adapter_file_bytes"] = len(blobs[0])
@@ -334,7 +368,7 @@ def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
 ROWS = [("decode_step_b1_ms", "ms"), ("decode_step_b32_ms", "ms"), ("decode_step_b128_ms", "ms"),
         ("decode_step_b256_ms", "ms"), ("hf_static_eager_b128_ms", "ms"),
         ("hf_static_compiled_b128_ms", "ms"), ("mixed_vs_base_b128_ratio", "x"),
-        ("throughput_tok_s", "tok/s"), ("hf_generate_tok_s", "tok/s"),
+        ("throughput_tok_s", "tok/s"), ("prefill_tok_s", "tok/s"), ("hf_generate_tok_s", "tok/s"),
         ("adapter_load_ms_p50", "ms"), ("adapter_load_ms_p99", "ms")]
 
 
@@ -366,7 +400,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--small", action="store_true", help="tiny model: check the script")
-    ap.add_argument("--parts", default="runner,hf,engine")
+    ap.add_argument("--parts", default="runner,hf,prefill,engine")
     args = ap.parse_args()
     cfg = model_config(args.small)
     res: dict = {"copy_tbps": copy_tbps()}
@@ -374,7 +408,8 @@ def main() -> None:
            "date": datetime.date.today().isoformat(), "versions": versions(),
            "command": "PYTHONPATH=. python " + " ".join(sys.argv), "rows": [], "detail": res}
 
-    run_parts({"runner": bench_runner, "hf": bench_hf, "engine": bench_engine},
+    run_parts({"runner": bench_runner, "hf": bench_hf, "prefill": bench_prefill,
+               "engine": bench_engine},
               args.parts.split(","), cfg, res, args.small, doc, ROWS, args.out)
     print()
     print(f"{'row':32s} {'value':>10s}")

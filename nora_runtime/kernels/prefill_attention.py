@@ -145,6 +145,7 @@ def paged_prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     ctx_lens: torch.Tensor, q_start: torch.Tensor, block_size: int,
     tiles: torch.Tensor | None = None, block_q: int | None = None, *, block_n: int = BLOCK_N,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged context (one launch).
 
@@ -154,7 +155,9 @@ def paged_prefill_attention(
     step, new tokens included); q_start: [B + 1] int32 cumulative new-token counts (q_start[0]
     = 0, q_start[B] = N, every sequence >= 1 token); tiles: [T, 2] int32 from
     `prefill_tiles(n, block_q, ctx)` with block_q = `prefill_block_q(nh, nkv)` (None: built here
-    from q_start, which syncs with the device). Returns [N, nh, d] in q's dtype.
+    from q_start, which syncs with the device). block_n, num_warps and num_stages are tuning
+    knobs (None: 8 warps for d >= 128, else 4; Triton's default stages). Returns [N, nh, d] in
+    q's dtype.
     """
     N, nh, d = q.shape
     nkv = k_cache.shape[1]
@@ -197,7 +200,8 @@ def paged_prefill_attention(
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * gp), BLOCK_SIZE=block_size,
         BLOCK_N=block_n, UPCAST=not fast_math(),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
-        num_warps=8 if d >= 128 else 4,
+        num_warps=num_warps or (8 if d >= 128 else 4),
+        **({"num_stages": num_stages} if num_stages else {}),
     )
     return out
 
