@@ -146,12 +146,12 @@ def sweep(cases: dict, nh: int, nkv: int, d: int, dtype, device) -> list[dict]:
         if bm == 128 and bn == 128:
             continue
         block_q = prefill_block_q(nh, nkv, bm)
+        kw = {"block_q": block_q, "block_n": bn, "num_warps": warps, "num_stages": stages}
         row = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
         for name, c in made.items():
             tiles = torch.from_numpy(prefill_tiles(c["n_new"], block_q, c["ctx_np"])).to(device)
 
-            def fn(c=c, tiles=tiles, kw=dict(block_q=block_q, block_n=bn, num_warps=warps,
-                                              num_stages=stages)):
+            def fn(c=c, tiles=tiles, kw=kw):
                 return paged_prefill_attention(c["q"], c["k"], c["v"], c["tables"], c["ctx"],
                                                c["q_start"], BLOCK, tiles, **kw)
             try:
