@@ -18,16 +18,17 @@ causality is a per-block comparison of key index against each row's position, an
 reading keys at its last token's position. (`paged_prefill_attention_ref`, the CPU path and the
 tests' reference, does build one per sequence.)
 
-Block sizes (untuned on the H200, chosen by reasoning only - no GPU time was left when this was
-written): BLOCK_M = 64 score rows (BLOCK_Q = 64 // g tokens, 16 for Llama-3-8B's g = 4; rows
-are padded to 16, tl.dot's minimum, when BLOCK_Q * g is less), so a decode row in a mixed step
-wastes at most BLOCK_Q - 1 tokens' rows of tensor-core work; BLOCK_N = 64 keys per inner step;
-head_dim padded to a power of two >= 16, at most 256; num_warps 8 for d >= 128, 4 below;
-default num_stages. Compiled for sm_90a without a GPU (triton.compile + ptxas -v), bf16 d = 128
-g = 4 uses 253 registers with 8 warps and no spills (4 warps: 255 and 264 bytes of spills);
-float32 (IEEE dots, a test dtype) spills heavily either way. Every key block is masked (no
-separate unmasked loop below the diagonal), and a long prompt gets no split along the context:
-candidates for tuning on the H200.
+Block sizes, tuned on the H200 (benchmarks/bench_attention.py --sweep, bf16 d = 128 g = 4,
+2026-12-02: block_m 32-128 x block_n 32-128 x 4/8 warps x 1-3 stages over four cases):
+BLOCK_M = 64 score rows (BLOCK_Q = 64 // g tokens, 16 for Llama-3-8B's g = 4; rows are padded
+to 16, tl.dot's minimum, when BLOCK_Q * g is less), so a decode row in a mixed step wastes at
+most BLOCK_Q - 1 tokens' rows of tensor-core work; BLOCK_N = 64 keys per inner step; 4 warps,
+3 stages: 23% less time than the untuned 8 warps and default stages over the four cases (64
+prompts of 128 tokens: 0.101 ms; 4 of 2,048: 0.501 ms, 200 TFLOP/s). head_dim is padded to a
+power of two >= 16, at most 256. Every key block is masked (no separate unmasked loop below the
+diagonal), and a long prompt gets no split along the context: attention is 2% of a prompt
+step's device time at the 8B shape (benchmarks/results/profile-step-h200.md), the GEMMs the
+rest.
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ def paged_prefill_attention(
     = 0, q_start[B] = N, every sequence >= 1 token); tiles: [T, 2] int32 from
     `prefill_tiles(n, block_q, ctx)` with block_q = `prefill_block_q(nh, nkv)` (None: built here
     from q_start, which syncs with the device). block_n, num_warps and num_stages are tuning
-    knobs (None: 8 warps for d >= 128, else 4; Triton's default stages). Returns [N, nh, d] in
-    q's dtype.
+    knobs (None: 4 warps and 3 stages, the H200's best; see the module docstring). Returns
+    [N, nh, d] in q's dtype.
     """
     N, nh, d = q.shape
     nkv = k_cache.shape[1]
@@ -200,8 +201,7 @@ def paged_prefill_attention(
         BLOCK_Q=block_q, BLOCK_M=max(16, block_q * gp), BLOCK_SIZE=block_size,
         BLOCK_N=block_n, UPCAST=not fast_math(),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
-        num_warps=num_warps or (8 if d >= 128 else 4),
-        **({"num_stages": num_stages} if num_stages else {}),
+        num_warps=num_warps or 4, num_stages=num_stages or 3,
     )
     return out
 

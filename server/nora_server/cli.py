@@ -83,6 +83,9 @@ SERVER_FLAGS = {  # ServerConfig field -> help
                    "(prefer NORA_ADMIN_TOKEN)",
     "metrics_adapter_labels": "adapter ids with their own metrics label; later ones count "
                               "as 'other'",
+    "switch_interval_ms": "Python's GIL switch interval in ms: how long the thread serving "
+                          "streams may hold the GIL while the engine thread waits "
+                          "(default: Python's, 5)",
 }
 OFF = ("off", "none", "")
 
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     server, engine, level = configs(argv)
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if server.switch_interval_ms is not None:
+        sys.setswitchinterval(server.switch_interval_ms / 1e3)
     code: int | str | None = 0
     try:
         _run(serve(server, engine))

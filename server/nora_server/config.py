@@ -44,6 +44,10 @@ class ServerConfig:
     auth_token: str | None = None
     admin_token: str | None = None
     metrics_adapter_labels: int = 32  # adapter ids with their own metric label (metrics.py)
+    # Python's GIL switch interval (sys.setswitchinterval), ms: how long the asyncio thread
+    # (gRPC and HTTP streams) may keep the GIL while the engine's loop thread waits for it
+    # between kernel launches. None: Python's default (5 ms).
+    switch_interval_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -64,6 +68,9 @@ class ServerConfig:
             raise ValueError(f"tokenize_queue must be >= 0, got {self.tokenize_queue}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.switch_interval_ms is not None and not 0 < self.switch_interval_ms <= 1000:
+            raise ValueError("switch_interval_ms must be in (0, 1000], got "
+                             f"{self.switch_interval_ms}")
         if self.metrics_adapter_labels < 0:
             raise ValueError("metrics_adapter_labels must be >= 0, got "
                              f"{self.metrics_adapter_labels}")
