@@ -7,8 +7,10 @@ through its block table; GQA: query head h reads KV head h // (nh / nkv)):
 
 Each program takes one sequence, one KV head (all g query heads that share it, so each key and
 value is read once) and one partition of PART context tokens, and writes its partial softmax
-state (max, sum, weighted values); a few torch ops combine the partitions. All shapes are
-static given the batch size, so a decode step can be captured in a CUDA graph.
+state (max, sum, weighted values); a second launch (`_combine_kernel`, one program per sequence
+and query head) combines the partitions, where torch took about eight elementwise and reduce
+launches. All shapes are static given the batch size, so a decode step can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -72,6 +74,27 @@ def _paged_decode_kernel(
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
 
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, n_parts, stride_ob, stride_oh,
+                    NH: tl.constexpr, D: tl.constexpr, P_PAD: tl.constexpr):
+    """out[b, h] = sum_p w_p acc[b, h, p] / sum_p w_p l[b, h, p], w_p = exp(m_p - max_p m_p):
+    the partitions' softmax states merged (an empty partition has m = -inf and weighs 0)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p = tl.arange(0, P_PAD)
+    d = tl.arange(0, D)
+    row = (b.to(tl.int64) * NH + h) * n_parts + p  # [P]
+    pmask = p < n_parts
+    m = tl.load(m_ptr + row, mask=pmask, other=float("-inf"))
+    w = tl.exp(m - tl.max(m, axis=0))  # [P]
+    w = tl.where(pmask, w, 0.0)
+    den = tl.sum(w * tl.load(l_ptr + row, mask=pmask, other=0.0), axis=0)
+    acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=pmask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / den  # [D]
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
+             out.to(o_ptr.dtype.element_ty))
+
+
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     ctx_lens: torch.Tensor, block_size: int, *, part: int = 256, block_n: int = 64,
@@ -107,9 +130,10 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PART=part, UPCAST=not fast_math(),
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32, not TF32
     )
-    w = torch.exp(m - m.amax(dim=2, keepdim=True))  # [B, nh, P]; empty partitions weigh 0
-    out = (acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _combine_kernel[(B, nh)](m, l, acc, out, n_parts, out.stride(0), out.stride(1), NH=nh, D=d,
+                             P_PAD=triton.next_power_of_2(n_parts))
+    return out
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, ctx_lens, block_size):
