@@ -233,12 +233,16 @@ def test_sharding_rules():
     assert heads(8, 2, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     with pytest.raises(ValueError, match="split"):
         head_slice(6, 2, 0, 4)  # 3 query heads per KV head do not split over 2 ranks
-    kv = ColumnParallelLinear(8, 2 * 4, bias=False, rank=3, size=4, heads=2, kv_heads=2)
-    assert kv.rows == slice(4, 8) and kv.out_features == 4
-    gate_up = ColumnParallelLinear(8, 2 * 6, bias=False, rank=1, size=2, fused=2)
-    assert gate_up.rows == slice(3, 6) and gate_up.out_features == 6
+    # fused q | k | v, 4 query heads over 2 KV heads of 4 features: each section on its own
+    qkv = ColumnParallelLinear(8, [(16, 4), (8, 2), (8, 2)], bias=False, rank=3, size=4,
+                               kv_heads=2)
+    assert qkv.rows == [slice(12, 16), slice(4, 8), slice(4, 8)]  # the last KV head, replicated
+    assert qkv.sections == [4, 4, 4] and qkv.out_features == 12
+    assert qkv.shard_index("bias", 1) == (slice(4, 8),)
+    gate_up = ColumnParallelLinear(8, [(6, None), (6, None)], bias=False, rank=1, size=2)
+    assert gate_up.rows == [slice(3, 6)] * 2 and gate_up.out_features == 6
     with pytest.raises(ValueError, match="split"):
-        ColumnParallelLinear(8, 6, bias=False, rank=0, size=4)
+        ColumnParallelLinear(8, [(6, None)], bias=False, rank=0, size=4)
     # vocabulary: ceil(V / N) rows a rank, the last one the rest
     assert [vocab_slice(263, r, 2) for r in (0, 1)] == [slice(0, 132), slice(132, 263)]
     assert [vocab_slice(10, r, 4) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 9),
