@@ -4,9 +4,9 @@
     ranks 1..N-1 (worker processes it spawns): their share of the model, nothing else
 
 Every rank holds a slice of each decoder layer: the column-parallel fused projections qkv_proj
-(q | k | v) and gate_up_proj (gate | up), each section split on its own (a share of the heads
-and of the MLP channels), row-parallel o_proj and down_proj (the matching input slice; one
-all-reduce each per layer sums the partial outputs). Attention heads and the
+(q | k | v) and gate_up_proj (gate | up), each section split on its own (a share of the query
+heads, of the KV heads, of the MLP channels), row-parallel o_proj and down_proj (the matching
+input slice; one all-reduce each per layer sums the partial outputs). Attention heads and the
 KV cache split by KV head; with more ranks than KV heads, ranks share (replicate) one. The
 embedding and lm_head are vocab-parallel, the only kind under tensor parallelism: replicated,
 a 70B Llama's 128k x 8k embedding and head (2 GiB each in bf16) would cost every rank 4 GiB,
@@ -85,7 +85,7 @@ class FusedLinear(nn.Linear):
 
 class Linears:
     """Builds a model's linear layers (and its embedding and lm_head); this one, for a single
-    process, plain nn.Linear and nn.Embedding.
+    process, plain nn.Linear (FusedLinear for column) and nn.Embedding.
 
     column(n_in, parts, kv_heads=): a FusedLinear of the projections `parts`, each (n_out,
     heads), concatenated; each process computes a share of each part's outputs: by its `heads`
@@ -277,7 +277,8 @@ def load_weights_sharded(model: nn.Module, path: Path) -> None:
 
 def projection_slices(hf_config, rank: int, size: int) -> dict[str, tuple[str, slice]]:
     """What `rank` computes of each projection, as llama.py's layers split them: ("column",
-    its output rows) or ("row", its input columns)."""
+    its output rows: q/k/v and gate/up, those of its section of the fused layer) or ("row", its
+    input columns)."""
     H, I = hf_config.hidden_size, hf_config.intermediate_size
     nh, nkv = hf_config.num_attention_heads, hf_config.num_key_value_heads
     d = getattr(hf_config, "head_dim", None) or H // nh
