@@ -6,6 +6,11 @@ which its MLP activations pass to the multi-tenant rational kernels (DESIGN.md s
 pool row (None when no token of the step has a LoRA), which every projection passes to the LoRA
 pool through one call, `_lora`.
 
+Each layer runs two fused column projections, one GEMM each: qkv_proj (output q | k | v) and
+gate_up_proj (gate | up). Checkpoints keep transformers' names (q_proj, k_proj, v_proj,
+gate_proj, up_proj; FUSED), loaded into the fused weights' sections, and LoRA adapters still
+target q_proj, k_proj, ... each: `_lora` adds their deltas into views of the fused output.
+
 Shapes: N tokens in a step (all sequences' new tokens, flattened), H hidden, I intermediate,
 nh / nkv query / key-value heads of size d, B sequences.
 """
@@ -34,6 +39,8 @@ from nora_runtime.parallel import DENSE, Linears
 from nora_runtime.table import CoefficientTable
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+# fused projection -> the checkpoint's projections, in the order of its output sections
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass
@@ -140,19 +147,23 @@ class Attention(nn.Module):
         self.d = d = getattr(config, "head_dim", None) or config.hidden_size // nh
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         H = config.hidden_size
-        self.q_proj = linears.column(H, nh * d, bias=bias, heads=nh, kv_heads=nkv)
-        self.k_proj = linears.column(H, nkv * d, bias=bias, heads=nkv, kv_heads=nkv)
-        self.v_proj = linears.column(H, nkv * d, bias=bias, heads=nkv, kv_heads=nkv)
+        # q_proj, k_proj and v_proj, fused: q splits by query heads, k and v by KV heads
+        self.qkv_proj = linears.column(H, [(nh * d, nh), (nkv * d, nkv), (nkv * d, nkv)],
+                                       bias=bias, kv_heads=nkv)
         self.o_proj = linears.row(nh * d, H, bias=bool(getattr(config, "attention_bias", False)),
                                   heads=nh, kv_heads=nkv)
         # the heads this process computes: all of them, or its share (parallel.py)
-        self.nh, self.nkv = self.q_proj.out_features // d, self.k_proj.out_features // d
+        nq, nk, _ = self.qkv_proj.sections
+        self.nh, self.nkv = nq // d, nk // d
 
     def forward(self, x, batch: ForwardBatch, cos, sin, k_cache, v_cache) -> torch.Tensor:
         N, lora, l = x.shape[0], self.lora, self.layer
-        q = _lora(self.q_proj(x), x, batch, lora, l, "q_proj").view(N, self.nh, self.d)
-        k = _lora(self.k_proj(x), x, batch, lora, l, "k_proj").view(N, self.nkv, self.d)
-        v = _lora(self.v_proj(x), x, batch, lora, l, "v_proj").view(N, self.nkv, self.d)
+        # views of the one [N, (nh + 2 nkv) d] output, with its row stride: LoRA adds into them
+        # in place, and the RoPE, cache and attention kernels take strides (no copy)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sections, dim=1)
+        q = _lora(q, x, batch, lora, l, "q_proj").view(N, self.nh, self.d)
+        k = _lora(k, x, batch, lora, l, "k_proj").view(N, self.nkv, self.d)
+        v = _lora(v, x, batch, lora, l, "v_proj").view(N, self.nkv, self.d)
         # k_cache/v_cache: [num_blocks * block_size, nkv, d] views of this layer's cache
         if use_triton(q):  # RoPE and the cache write in one launch
             q = rope_and_cache(q, k, v, cos, sin, batch.kv_index, k_cache, v_cache)
@@ -187,17 +198,16 @@ class MLP(nn.Module):
         self.lora = lora
         H, I = config.hidden_size, config.intermediate_size
         # gate_proj and up_proj, fused
-        self.gate_up_proj = linears.column(H, 2 * I, bias=False, fused=2)
+        self.gate_up_proj = linears.column(H, [(I, None), (I, None)], bias=False)
         self.down_proj = linears.row(I, H, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         lora, l = self.lora, self.layer
-        gu = self.gate_up_proj(x)  # [N, 2I]
-        I = gu.shape[-1] // 2
-        _lora(gu[:, :I], x, batch, lora, l, "gate_proj")  # into the two halves, in place
-        _lora(gu[:, I:], x, batch, lora, l, "up_proj")
-        h = rational_act(gu[:, :I], self.table.site(l), batch.slots, act=self.act,
-                         mode=self.mode, up=gu[:, I:])
+        gate, up = self.gate_up_proj(x).split(self.gate_up_proj.sections, dim=1)  # [N, I] views
+        _lora(gate, x, batch, lora, l, "gate_proj")  # into the two halves, in place
+        _lora(up, x, batch, lora, l, "up_proj")
+        h = rational_act(gate, self.table.site(l), batch.slots, act=self.act, mode=self.mode,
+                         up=up)
         return _lora(self.down_proj(h), h, batch, lora, l, "down_proj")
 
 
@@ -270,37 +280,39 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def checkpoint_names(model: LlamaModel) -> dict[str, tuple[str, int]]:
-    """Checkpoint tensor name -> (our parameter, half): half 0/1 is the gate/up half of the
-    fused gate_up_proj, -1 the whole parameter. Tied lm_head weights need no tensor."""
+def checkpoint_names(model: LlamaModel) -> dict[str, tuple[str, int | None]]:
+    """Checkpoint tensor name -> (our parameter, section): a FUSED projection's parts go into
+    its output sections (q_proj, k_proj, v_proj: sections 0, 1, 2 of qkv_proj), section None
+    is the whole parameter. Tied lm_head weights need no tensor."""
     names = {}
     for p in dict(model.named_parameters()):  # tied weights appear once
-        if ".gate_up_proj." in p:
-            names["model." + p.replace("gate_up_proj", "gate_proj")] = (p, 0)
-            names["model." + p.replace("gate_up_proj", "up_proj")] = (p, 1)
-        else:
-            names[p if p.startswith("lm_head.") else "model." + p] = (p, -1)
+        fused = next((f for f in FUSED if f".{f}." in p), None)
+        if fused is None:
+            names[p if p.startswith("lm_head.") else "model." + p] = (p, None)
+            continue
+        for i, part in enumerate(FUSED[fused]):
+            names["model." + p.replace(fused, part)] = (p, i)
     return names
 
 
 def load_weights(model: LlamaModel, path: Path,
-                 index: Callable[[str], tuple] | None = None) -> None:
-    """Copy a transformers checkpoint's tensors into `model` (gate_proj and up_proj into the
-    fused gate_up_proj). Every parameter must be found; other tensors are ignored. index:
-    parameter name -> the slice of its checkpoint tensor to read (() or None: all of it; a
-    tensor-parallel rank reads only its share)."""
-    params = dict(model.named_parameters())
+                 index: Callable[[str, int | None], tuple] | None = None) -> None:
+    """Copy a transformers checkpoint's tensors into `model` (q/k/v_proj into the fused
+    qkv_proj's sections, gate/up_proj into gate_up_proj's). Every parameter must be found; other
+    tensors are ignored. index: (parameter name, section) -> the slice of its checkpoint tensor
+    to read (() or None: all of it; a tensor-parallel rank reads only its share)."""
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
     wanted = checkpoint_names(model)
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 if name not in wanted:
                     continue
-                target, half = wanted.pop(name)
-                part = index(target) if index is not None else ()
+                target, section = wanted.pop(name)
+                part = index(target, section) if index is not None else ()
                 dst = params[target].data
-                if half >= 0:
-                    dst = dst.chunk(2, dim=0)[half]
+                if section is not None:  # its rows of the fused output
+                    dst = dst.split(modules[target.rpartition(".")[0]].sections)[section]
                 dst.copy_(f.get_slice(name)[part] if part else f.get_tensor(name))
     if wanted:
         missing = sorted(wanted)

@@ -3,8 +3,9 @@
     rank 0 (the engine's process): scheduler, registry, sampling, and its share of the model
     ranks 1..N-1 (worker processes it spawns): their share of the model, nothing else
 
-Every rank holds a slice of each decoder layer: column-parallel q/k/v and fused gate/up (a
-share of the heads and of the MLP channels), row-parallel o_proj and down_proj (the matching
+Every rank holds a slice of each decoder layer: the column-parallel fused projections qkv_proj
+(q | k | v) and gate_up_proj (gate | up), each section split on its own (a share of the query
+heads, of the KV heads, of the MLP channels), row-parallel o_proj and down_proj (the matching
 input slice; one all-reduce each per layer sums the partial outputs). Attention heads and the
 KV cache split by KV head; with more ranks than KV heads, ranks share (replicate) one. The
 embedding and lm_head are vocab-parallel, the only kind under tensor parallelism: replicated,
@@ -70,15 +71,27 @@ IDLE_TIMEOUT = 365 * 86400.0  # a worker waits this long for the next command (a
 
 # ---- the linear layers' kind (all the model file knows of parallelism) ---------------------------
 
+Part = tuple[int, int | None]  # one projection of a column layer: (n_out, heads or None)
+
+
+class FusedLinear(nn.Linear):
+    """nn.Linear whose output is projections concatenated along the output features, `sections`
+    of them each (q | k | v: y.split(sections, dim=-1) gives views of each)."""
+
+    def __init__(self, n_in: int, sections: list[int], *, bias: bool) -> None:
+        super().__init__(n_in, sum(sections), bias=bias)
+        self.sections = sections
+
 
 class Linears:
     """Builds a model's linear layers (and its embedding and lm_head); this one, for a single
-    process, plain nn.Linear and nn.Embedding.
+    process, plain nn.Linear (FusedLinear for column) and nn.Embedding.
 
-    column(n_in, n_out, heads=, kv_heads=, fused=): each process computes a share of the
-    outputs. heads: the outputs are `heads` attention heads, which go to processes by the
-    `kv_heads` KV heads they attend with (head_slice); fused: the output is `fused` projections
-    concatenated (gate and up), each split on its own.
+    column(n_in, parts, kv_heads=): a FusedLinear of the projections `parts`, each (n_out,
+    heads), concatenated; each process computes a share of each part's outputs: by its `heads`
+    attention heads, which go to processes by the `kv_heads` KV heads they attend with
+    (head_slice), or (heads None) in equal parts. q | k | v: [(nh * d, nh), (nkv * d, nkv),
+    (nkv * d, nkv)] over nkv KV heads; gate | up: [(I, None), (I, None)].
     row(n_in, n_out, heads=, kv_heads=): each process reads the share of the inputs that a
     column-parallel layer before it computed; the partial outputs are summed across processes.
     embedding(vocab, dim) / head(dim, vocab): the token embedding and the lm_head (logits
@@ -86,9 +99,9 @@ class Linears:
     keep working (both split the vocabulary alike).
     """
 
-    def column(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
-               kv_heads: int | None = None, fused: int = 1) -> nn.Linear:
-        return nn.Linear(n_in, n_out, bias=bias)
+    def column(self, n_in: int, parts: list[Part], *, bias: bool = False,
+               kv_heads: int | None = None) -> FusedLinear:
+        return FusedLinear(n_in, [n for n, _ in parts], bias=bias)
 
     def row(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
             kv_heads: int | None = None) -> nn.Linear:
@@ -149,17 +162,17 @@ def shard_slice(n: int, rank: int, size: int, heads: int | None, kv_heads: int |
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
-class ColumnParallelLinear(nn.Linear):
-    """This rank's rows of a column-parallel projection (Linears.column): out_features is the
-    local count; `rows` is the slice of each fused part's rows taken from the checkpoint."""
+class ColumnParallelLinear(FusedLinear):
+    """This rank's rows of a column-parallel layer (Linears.column): `sections` are the local
+    counts; rows[i] is the slice of part i's checkpoint rows that this rank holds."""
 
-    def __init__(self, n_in: int, n_out: int, *, bias: bool, rank: int, size: int,
-                 heads: int | None = None, kv_heads: int | None = None, fused: int = 1) -> None:
-        self.rows = shard_slice(n_out // fused, rank, size, heads, kv_heads)
-        super().__init__(n_in, fused * (self.rows.stop - self.rows.start), bias=bias)
+    def __init__(self, n_in: int, parts: list[Part], *, bias: bool, rank: int, size: int,
+                 kv_heads: int | None = None) -> None:
+        self.rows = [shard_slice(n, rank, size, heads, kv_heads) for n, heads in parts]
+        super().__init__(n_in, [r.stop - r.start for r in self.rows], bias=bias)
 
-    def shard_index(self, name: str) -> tuple[slice, ...]:
-        return (self.rows,)  # weight rows and bias entries alike
+    def shard_index(self, name: str, section: int | None) -> tuple[slice, ...]:
+        return (self.rows[section],)  # weight rows and bias entries alike
 
 
 class RowParallelLinear(nn.Linear):
@@ -177,7 +190,7 @@ class RowParallelLinear(nn.Linear):
         self.group.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
-    def shard_index(self, name: str) -> tuple[slice, ...]:
+    def shard_index(self, name: str, section: int | None) -> tuple[slice, ...]:
         return (slice(None), self.cols) if name == "weight" else ()
 
 
@@ -198,7 +211,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.group.all_reduce(x)
         return x
 
-    def shard_index(self, name: str) -> tuple[slice, ...]:
+    def shard_index(self, name: str, section: int | None) -> tuple[slice, ...]:
         return (self.rows,)
 
 
@@ -220,7 +233,7 @@ class VocabParallelHead(nn.Linear):
         parts = self.group.gather(y.contiguous())
         return y if parts is None else torch.cat(parts, dim=1)[:, :self.vocab]
 
-    def shard_index(self, name: str) -> tuple[slice, ...]:
+    def shard_index(self, name: str, section: int | None) -> tuple[slice, ...]:
         return (self.rows,)
 
 
@@ -230,11 +243,10 @@ class ParallelLinears(Linears):
     def __init__(self, group: Group) -> None:
         self.group = group
 
-    def column(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
-               kv_heads: int | None = None, fused: int = 1) -> nn.Linear:
-        return ColumnParallelLinear(n_in, n_out, bias=bias, rank=self.group.rank,
-                                    size=self.group.size, heads=heads, kv_heads=kv_heads,
-                                    fused=fused)
+    def column(self, n_in: int, parts: list[Part], *, bias: bool = False,
+               kv_heads: int | None = None) -> FusedLinear:
+        return ColumnParallelLinear(n_in, parts, bias=bias, rank=self.group.rank,
+                                    size=self.group.size, kv_heads=kv_heads)
 
     def row(self, n_in: int, n_out: int, *, bias: bool = False, heads: int | None = None,
             kv_heads: int | None = None) -> nn.Linear:
@@ -255,16 +267,18 @@ def load_weights_sharded(model: nn.Module, path: Path) -> None:
 
     modules = dict(model.named_modules())
 
-    def index(target: str) -> tuple:
+    def index(target: str, section: int | None) -> tuple:
         owner, _, leaf = target.rpartition(".")
-        return getattr(modules[owner], "shard_index", lambda _: ())(leaf)
+        shard = getattr(modules[owner], "shard_index", None)
+        return () if shard is None else shard(leaf, section)
 
     load_weights(model, path, index=index)
 
 
 def projection_slices(hf_config, rank: int, size: int) -> dict[str, tuple[str, slice]]:
     """What `rank` computes of each projection, as llama.py's layers split them: ("column",
-    its output rows) or ("row", its input columns)."""
+    its output rows: q/k/v and gate/up, those of its section of the fused layer) or ("row", its
+    input columns)."""
     H, I = hf_config.hidden_size, hf_config.intermediate_size
     nh, nkv = hf_config.num_attention_heads, hf_config.num_key_value_heads
     d = getattr(hf_config, "head_dim", None) or H // nh

@@ -1,7 +1,7 @@
 """Multi-tenant LoRA kernels (BGMV shrink + expand) against a plain float64 per-token reference,
 and the torch reference (`lora_ref`, the CPU path) against the same. Odd sizes, adapter mixes
-(all distinct, all identical, some rows without LoRA, Zipf-skewed), zero-padded ranks, a
-strided output (a column slice of a fused gate-up tensor), fp32 and bf16.
+(all distinct, all identical, some rows without LoRA, Zipf-skewed), zero-padded ranks,
+strided outputs (column slices of a fused q | k | v or gate | up tensor), fp32 and bf16.
 
 On a machine without a GPU the Triton kernels run through Triton's interpreter
 (tests/conftest.py); keep sizes tiny."""
@@ -123,18 +123,23 @@ def test_k_split_choice():
     assert k_split(3, 7, 8) == 8
 
 
-def test_expand_into_a_column_slice_of_a_fused_output():
-    """The model adds gate and up deltas into the two halves of one [T, 2I] gate-up output."""
-    T, K, N, R = 7, 16, 33, 4
+@pytest.mark.parametrize("fn", [lora_forward, lora_ref])
+@pytest.mark.parametrize("sections", [[24, 9, 9], [33, 33]], ids=["q|k|v", "gate|up"])
+def test_deltas_into_the_sections_of_a_fused_output(fn, sections):
+    """The model adds each projection's delta into its column view of one fused output (q | k | v
+    of unequal widths, gate | up): each section gets its own delta, the others stay as they
+    are."""
+    T, K, R = 7, 16, 4
     x = torch.randn(T, K, device=DEVICE)
-    gu = torch.randn(T, 2 * N, device=DEVICE)
-    A, B, scale = make_pool(K, N, R, torch.float32)
+    fused = torch.randn(T, sum(sections), device=DEVICE)
     idx = make_idx(T, "some_none", seed=1)
-    want_up = ref64(gu[:, N:], x, A, B, scale, idx)
-    gate0 = gu[:, :N].clone()
-    lora_forward(gu[:, N:], x, A, B, scale, idx)
-    check(gu[:, N:], want_up, torch.float32)
-    assert torch.equal(gu[:, :N], gate0)
+    pools = [make_pool(K, n, R, torch.float32, seed=i) for i, n in enumerate(sections)]
+    parts = fused.split(sections, dim=1)  # views with a row stride, at column offsets
+    want = torch.cat([ref64(y, x, *pool, idx) for y, pool in zip(parts, pools, strict=True)],
+                     dim=1)
+    for y, pool in zip(parts, pools, strict=True):
+        fn(y, x, *pool, idx)
+    check(fused, want, torch.float32)
 
 
 def test_wrappers_check_shapes_dtypes_and_strides():

@@ -135,6 +135,32 @@ def test_logits_match_transformers(checkpoint, mode):
     torch.testing.assert_close(s.logits[0], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama-attention-bias"])
+def test_attention_biases_load_into_the_fused_qkv_proj(arch, tmp_path):
+    """The checkpoint's q_proj, k_proj and v_proj weights and biases land in their sections of
+    qkv_proj (unequal ones: 4 query heads, 2 KV heads). transformers initialises biases to
+    zero, so they are made random here (a misplaced zero bias would go unnoticed)."""
+    tok = minilm_tokenizer()
+    config = (make_config("qwen2", len(tok)) if arch == "qwen2" else
+              LlamaConfig(vocab_size=len(tok), attention_bias=True, **SMALL))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    r = runner(tmp_path)
+    hf = model.model.layers[1].self_attn
+    want = torch.cat([hf.q_proj.bias, hf.k_proj.bias, hf.v_proj.bias])
+    assert torch.equal(r.model.layers[1].self_attn.qkv_proj.bias, want)
+    ids = r.tokenizer(PROMPT)["input_ids"]
+    s = Seq(ids, block_table=table(0, len(ids)))
+    step(r, [s], [len(ids)])
+    torch.testing.assert_close(s.logits[0], hf_logits(tmp_path, ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_chunked_prefill_and_decode_match_full_forward(checkpoint, backend, monkeypatch):
     if backend == "triton" and "llama3" not in str(checkpoint):

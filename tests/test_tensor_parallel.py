@@ -19,18 +19,28 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from nora_runtime.adapter import adapter_to_bytes
 from nora_runtime.config import EngineConfig
 from nora_runtime.engine import Engine
+from nora_runtime.llama import LlamaModel
 from nora_runtime.lora import PROJECTIONS, pack_peft_files
 from nora_runtime.lora_pool import projection_shapes
-from nora_runtime.parallel import ColumnParallelLinear, TableShard, head_slice, vocab_slice
+from nora_runtime.parallel import (
+    ColumnParallelLinear,
+    ParallelLinears,
+    TableShard,
+    head_slice,
+    load_weights_sharded,
+    projection_slices,
+    vocab_slice,
+)
 from nora_runtime.sampling import SamplingParams
 from nora_runtime.table import CoefficientTable
 from nora_runtime.tiny import byte_tokenizer, random_adapter, tiny_checkpoint
@@ -233,18 +243,51 @@ def test_sharding_rules():
     assert heads(8, 2, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     with pytest.raises(ValueError, match="split"):
         head_slice(6, 2, 0, 4)  # 3 query heads per KV head do not split over 2 ranks
-    kv = ColumnParallelLinear(8, 2 * 4, bias=False, rank=3, size=4, heads=2, kv_heads=2)
-    assert kv.rows == slice(4, 8) and kv.out_features == 4
-    gate_up = ColumnParallelLinear(8, 2 * 6, bias=False, rank=1, size=2, fused=2)
-    assert gate_up.rows == slice(3, 6) and gate_up.out_features == 6
+    # fused q | k | v, 4 query heads over 2 KV heads of 4 features: each section on its own
+    qkv = ColumnParallelLinear(8, [(16, 4), (8, 2), (8, 2)], bias=False, rank=3, size=4,
+                               kv_heads=2)
+    assert qkv.rows == [slice(12, 16), slice(4, 8), slice(4, 8)]  # the last KV head, replicated
+    assert qkv.sections == [4, 4, 4] and qkv.out_features == 12
+    assert qkv.shard_index("bias", 1) == (slice(4, 8),)
+    gate_up = ColumnParallelLinear(8, [(6, None), (6, None)], bias=False, rank=1, size=2)
+    assert gate_up.rows == [slice(3, 6)] * 2 and gate_up.out_features == 6
     with pytest.raises(ValueError, match="split"):
-        ColumnParallelLinear(8, 6, bias=False, rank=0, size=4)
+        ColumnParallelLinear(8, [(6, None)], bias=False, rank=0, size=4)
     # vocabulary: ceil(V / N) rows a rank, the last one the rest
     assert [vocab_slice(263, r, 2) for r in (0, 1)] == [slice(0, 132), slice(132, 263)]
     assert [vocab_slice(10, r, 4) for r in range(4)] == [slice(0, 3), slice(3, 6), slice(6, 9),
                                                         slice(9, 10)]
     with pytest.raises(ValueError, match="no rows"):
         vocab_slice(5, 0, 4)  # 2, 2, 1, 0 rows
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_sharded_load_puts_each_qkv_section_in_place(size, tmp_path):
+    """Each rank's fused qkv_proj (weights and Qwen2's biases, made random) holds the rows of
+    q_proj, k_proj and v_proj that projection_slices (its LoRA's) says it computes: 4 query
+    heads, 2 KV heads, over 2 ranks and over 4 (KV heads replicated). No processes: each rank's
+    model is built and loaded alone."""
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    hf.save_pretrained(tmp_path)
+    attn = hf.model.layers[0].self_attn
+    for rank in range(size):
+        group = SimpleNamespace(rank=rank, size=size)  # all that building the layers reads
+        model = LlamaModel(cfg, None, "silu", "residual", linears=ParallelLinears(group))
+        load_weights_sharded(model, tmp_path)
+        ours = model.layers[0].self_attn
+        slices = projection_slices(cfg, rank, size)
+        for leaf in ("weight", "bias"):
+            want = torch.cat([getattr(getattr(attn, m), leaf)[slices[m][1]]
+                              for m in ("q_proj", "k_proj", "v_proj")])
+            assert torch.equal(getattr(ours.qkv_proj, leaf), want)
+        assert (ours.nh, ours.nkv) == (4 // size, 1)
 
 
 def test_config_and_flag(monkeypatch):
