@@ -214,6 +214,21 @@ def test_flags_and_environment_never_switch_security_off_by_word(monkeypatch, ca
     assert server.auth_token == "off"  # a (weak) token, never "no auth"
 
 
+def test_switch_interval_flag(monkeypatch, capsys):
+    """--switch-interval-ms: 0.2 ms by default, "off" leaves Python's own, and a value outside
+    (0, 1000] stops the server with a clear error."""
+    from nora_server.cli import configs
+
+    assert configs([])[0].switch_interval_ms == 0.2
+    assert configs(["--switch-interval-ms", "off"])[0].switch_interval_ms is None
+    monkeypatch.setenv("NORA_SWITCH_INTERVAL_MS", "1.5")
+    assert configs([])[0].switch_interval_ms == 1.5
+    for bad in ("0", "-1", "5000"):
+        with pytest.raises(SystemExit):
+            configs(["--switch-interval-ms", bad])
+        assert "switch_interval_ms must be in (0, 1000]" in capsys.readouterr().err
+
+
 # ---- process behaviour: ports, stuck workers, optional packages (issue 10) -----------------
 
 

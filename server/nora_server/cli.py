@@ -85,7 +85,7 @@ SERVER_FLAGS = {  # ServerConfig field -> help
                               "as 'other'",
     "switch_interval_ms": "Python's GIL switch interval in ms: how long the thread serving "
                           "streams may hold the GIL while the engine thread waits "
-                          "(default: Python's, 5)",
+                          "(Python's own default is 5)",
 }
 OFF = ("off", "none", "")
 

@@ -45,9 +45,10 @@ class ServerConfig:
     admin_token: str | None = None
     metrics_adapter_labels: int = 32  # adapter ids with their own metric label (metrics.py)
     # Python's GIL switch interval (sys.setswitchinterval), ms: how long the asyncio thread
-    # (gRPC and HTTP streams) may keep the GIL while the engine's loop thread waits for it
-    # between kernel launches. None: Python's default (5 ms).
-    switch_interval_ms: float | None = None
+    # (gRPC and HTTP streams) may keep the GIL while the engine's loop thread waits for it.
+    # None: Python's default (5 ms). Measured on the H200 (8B shape, 256 streams through gRPC,
+    # 2026-12-02): 5 ms 4,791 tok/s, 1 ms 5,202, 0.2 ms 5,912.
+    switch_interval_ms: float | None = 0.2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
