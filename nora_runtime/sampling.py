@@ -225,6 +225,35 @@ class SampleResult:
     top_logprobs: torch.Tensor | None = None
 
 
+class HostCopy:
+    """A SampleResult on its way to the host: every tensor is copied with non_blocking=True
+    (into pinned memory on CUDA, which a non-blocking device-to-host copy needs to be
+    asynchronous) behind the kernels that compute it, and a CUDA event marks the copies' end.
+    Creating one does not wait for the device, so the host can do other work (the engine: the
+    previous step's text and events) while the step still runs; `wait` blocks only then.
+    On the CPU the copies are plain tensors and nothing waits."""
+
+    def __init__(self, result: SampleResult) -> None:
+        cuda = result.tokens.device.type == "cuda"
+        # torch's caching host allocator reuses pinned blocks (and keeps a block until the
+        # copy into it is done), so a fresh buffer per step costs no cudaHostAlloc
+        self._host = SampleResult(*(
+            None if t is None else
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=True)
+            for t in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
+        self._done = None
+        if cuda:
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def wait(self) -> SampleResult:
+        """The result on the host, once the device has written it (releases the GIL while it
+        waits)."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
            history: Sequence[Sequence[int]], *,
