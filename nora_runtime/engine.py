@@ -14,9 +14,10 @@ One background thread runs the loop; every other thread talks to it through `sub
 
 Callbacks run on the loop thread and must not block (`generate` and `generate_async` put the
 events on a queue; `generate_async` hands each asyncio loop a step's events in one
-call_soon_threadsafe, not one per token per request). A request holds its adapter's table
-slot from `submit` to its last event, so replacing or unloading the adapter never changes a
-running request (registry.py).
+call_soon_threadsafe, two when some come at once and others are deferred to the next step
+(`Engine._step`), not one per token per request). A request holds its adapter's table
+slot from `submit` to its last token (its last event may come a step later), so replacing or
+unloading the adapter never changes a running request (registry.py).
 
 Determinism: a request's tokens depend only on its prompt, adapter, parameters and seed, never
 on the other requests in its batches (sampling.py draws each row's noise from its own
@@ -484,7 +485,7 @@ class Engine:
         while True:
             with self._lock:
                 idle = self._idle()
-            if idle:  # the last step's deferred events: none may wait while the thread sleeps
+            if idle:  # the last step's deferred events go out before this thread sleeps
                 self._drain()
             self._flush_events()  # the last step's events, before this thread may wait
             with self._lock:
@@ -724,8 +725,9 @@ class Engine:
 
     def _flush_events(self) -> None:
         """Hand generate_async's events to their asyncio loops: one call_soon_threadsafe per
-        loop per step (each wakes the loop through its self-pipe and takes the GIL from this
-        thread), not one per token per request."""
+        loop per step for the deferred events (`_drain`, during the device's time) and one for
+        those sent at once (each wakes the loop through its self-pipe and takes the GIL from
+        this thread), not one per token per request."""
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}

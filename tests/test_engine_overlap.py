@@ -165,3 +165,37 @@ def test_text_work_of_a_step_runs_during_the_next_forward(engine, monkeypatch):
         engine.submit("Hello", params, on_event=on_event)
         assert done.get(timeout=TIMEOUT).finish_reason == "length"
         assert " ".join(marks) == want
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 10])
+def test_a_failing_deferred_text_ends_its_request_only(engine, monkeypatch, max_new_tokens):
+    """The detokenizer raising on a request's 3rd token (deferred text work): that request ends
+    with "error" (at once when the token was its last, else at its next token), its events up
+    to there intact; another request in the same steps is not disturbed."""
+    import nora_runtime.engine as engine_mod
+
+    class Broken(engine_mod.IncrementalDetokenizer):
+        steps = 0
+
+        def step(self, token_id: int) -> str:
+            self.steps += 1
+            if self.steps == 3:
+                raise RuntimeError("detokenizer bug")
+            return super().step(token_id)
+
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    other = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    solo = run(engine, [("Hello", params)])[0]
+    other_solo = run(engine, [("abc", other)])[0]
+    monkeypatch.setattr(engine_mod, "IncrementalDetokenizer", Broken)
+    events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+    engine.submit("Hello", params, on_event=events.put)
+    monkeypatch.undo()
+    got_other = run(engine, [("abc", other)])[0]
+    got = [events.get(timeout=TIMEOUT) for _ in range(3)]
+    assert content(got[:2]) == content(solo[:2])
+    end = got[2]
+    assert end.finish_reason == "error" and "detokenizer bug" in end.error
+    assert end.num_output_tokens == (3 if max_new_tokens == 3 else 4)
+    assert content(got_other) == content(other_solo)
+    assert engine._pending == [] and engine.stats().num_running == 0
