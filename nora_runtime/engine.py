@@ -3,7 +3,7 @@
 One background thread runs the loop; every other thread talks to it through `submit` and
 `abort`, which only queue work under a lock:
 
-    loop:  take new requests and aborts (step boundary)
+    loop:  take new requests and aborts (step boundary; aborts also before postprocess)
            -> scheduler.schedule()            which tokens of which sequences run now
            -> runner.prepare() / forward()    one forward pass over all of them
            -> sample()                        one token per sequence that finished its prompt
@@ -313,8 +313,9 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str, reason: str = "abort", *, tenant: str = "") -> None:
-        """End `tenant`'s request at the next step boundary (its KV blocks are freed then) with
-        finish_reason `reason`. Unknown or finished ids are ignored."""
+        """End `tenant`'s request with finish_reason `reason` once the running step's device
+        work is done (without that step's token) or at the next step boundary; its KV blocks
+        are freed then. Unknown or finished ids are ignored."""
         if reason not in FINISH_REASONS:
             raise ValueError(f"reason must be one of {FINISH_REASONS}, got {reason!r}")
         key = _key(tenant, request_id)
@@ -494,7 +495,6 @@ class Engine:
                 if self._fatal:
                     raise RuntimeError(self._fatal)
                 incoming, self._incoming = self._incoming, []
-                aborts, self._aborts = self._aborts, {}
                 stopping = self._stopping
             for req in incoming:
                 try:
@@ -508,9 +508,7 @@ class Engine:
                 for rid in list(self._live):
                     self._finish(self._live[rid], "abort")
                 return
-            for rid, reason in aborts.items():
-                if rid in self._live:
-                    self._finish(self._live[rid], reason)
+            self._take_aborts()
             now = time.monotonic()
             for req in [r for r in self._live.values() if r.deadline and r.deadline <= now]:
                 self._finish(req, "time_limit")
@@ -537,12 +535,20 @@ class Engine:
             else:
                 failures = 0
 
+    def _take_aborts(self) -> None:
+        """End the requests whose abort (`abort`, from any thread) has come in."""
+        with self._lock:
+            aborts, self._aborts = self._aborts, {}
+        for rid, reason in aborts.items():
+            if rid in self._live:
+                self._finish(self._live[rid], reason)
+
     def _step(self, batch: ScheduledBatch) -> None:
         """One step, k. While the device runs step k, the host does step k-1's deferred text
         work (`_drain`); what decides whether a sequence goes on runs before the next schedule,
         so scheduling is the same as without the overlap:
 
-            host:   prepare | forward | sample | drain k-1 | wait | postprocess, _emit rows
+            host:   prepare | forward | sample | drain k-1 | wait | aborts, postprocess, _emit
             device:           step k's kernels, copy to host -->|
 
         forward and sample only queue kernels on a GPU (a CUDA-graph replay for decode
@@ -581,10 +587,16 @@ class Engine:
             tops = _top_pairs(result, [r.params.top_logprobs for r in reqs])
             for i, token in zip(rows, tokens, strict=True):
                 sampled[i] = token
+        # Callers see a step's tokens only during the next step (the drain above), so an abort
+        # they send then would come one token later than before the overlap if it waited for
+        # the step boundary: it ends its request now, without this step's token (postprocess
+        # skips it).
+        self._take_aborts()
         self.scheduler.postprocess(batch, sampled)
         for j, req in enumerate(reqs):
-            self._emit(req, tokens[j], logprobs[j] if logprobs is not None else None,
-                       tops[j] if tops is not None else None)
+            if req.seq.request_id in self._live:
+                self._emit(req, tokens[j], logprobs[j] if logprobs is not None else None,
+                           tops[j] if tops is not None else None)
 
     def _row_masks(self, reqs: list[_Request]) -> dict:
         """`sample`'s per-row inputs beyond the history: generated tokens (presence and
@@ -691,11 +703,9 @@ class Engine:
         events (`_drain`), so that the request's earlier tokens come before its end."""
         if event is None:
             self._drain()
-        self._release(req, reason)
-        seq = req.seq
-        if event is None:
             event = TokenEvent(req.request_id, (), "", None, reason, error,
-                               len(seq.prompt_ids), len(seq.output_ids))
+                               len(req.seq.prompt_ids), len(req.seq.output_ids))
+        self._release(req, reason)
         self._deliver(req, event)
 
     def _release(self, req: _Request, reason: str) -> None:

@@ -4,13 +4,15 @@ events) to the next step's device time, for requests whose finish cannot depend 
 rows done at once (stop strings, a grammar), logprobs, an abort mid-stream and several
 requests ending by length, EOS and stop ids in the same step gives each request exactly the
 events it gets alone; the last events arrive before the engine idles; an abort comes after the
-request's pending tokens. And the deferral is real: a plain request's event of step k comes
-after step k+1's forward, a request with stop strings gets it before.
+request's pending tokens, and one sent on seeing a token ends the request before the next
+token's event. And the deferral is real: a plain request's event of step k comes after step
+k+1's forward, a request with stop strings gets it before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 
 import pytest
@@ -33,24 +35,24 @@ def engine():
 
 
 def run(engine: Engine, requests: list[tuple[str, SamplingParams]],
-        abort_at: dict[int, int] | None = None) -> list[list[TokenEvent]]:
+        abort_at: dict[int, tuple[int, int]] | None = None) -> list[list[TokenEvent]]:
     """Submit (prompt, params) requests together and collect each one's events until its
-    last. abort_at {i: n}: request i's callback aborts it when its n-th event comes (on the
-    loop thread, so at a known step)."""
+    last. abort_at {i: (j, n)}: request j's callback aborts request i when j's n-th event comes
+    (on the loop thread, so at a known point of a known step)."""
     abort_at = abort_at or {}
     results: list[list[TokenEvent]] = [[] for _ in requests]
     events: queue.SimpleQueue[tuple[int, TokenEvent]] = queue.SimpleQueue()
 
-    def on_event(i: int, rid: str, event: TokenEvent) -> None:
-        events.put((i, event))
-        results[i].append(event)
-        if len(results[i]) == abort_at.get(i):
-            engine.abort(rid)
+    def on_event(j: int, event: TokenEvent) -> None:
+        events.put((j, event))
+        results[j].append(event)
+        for i, at in abort_at.items():
+            if at == (j, len(results[j])):
+                engine.abort(f"overlap-{i}")
 
     for i, (prompt, params) in enumerate(requests):
-        rid = f"overlap-{i}"
-        engine.submit(prompt, params, request_id=rid,
-                      on_event=lambda e, i=i, rid=rid: on_event(i, rid, e))
+        engine.submit(prompt, params, request_id=f"overlap-{i}",
+                      on_event=lambda e, i=i: on_event(i, e))
     pending = len(requests)
     while pending:
         _, event = events.get(timeout=TIMEOUT)
@@ -98,16 +100,17 @@ def test_mixed_batch_gives_each_request_its_events_alone(engine):
     assert reasons[:3] == ["length", "eos", "stop"] and reasons[5] == "stop", reasons
     assert len(solo[0]) == len(solo[1]) == len(solo[4]) == 8  # they end in the same step
     for order in (list(range(len(MIXED))), list(range(len(MIXED)))[::-1]):
+        aborted = order.index(ABORTED)
         batched = run(engine, [MIXED[i] for i in order],
-                      abort_at={order.index(ABORTED): ABORT_AT})
+                      abort_at={aborted: (aborted, ABORT_AT)})
         for j, i in enumerate(order):
             got, want = batched[j], solo[i]
             if i == ABORTED:
-                # the abort is seen after the step in which the 3rd event was delivered,
-                # whose token (delivered in the abort's drain) comes before the abort event
+                # aborted on its 3rd event, which comes during step 4: step 4's token is
+                # dropped, the abort event right after the 3rd
                 *got, end = got
                 assert end.finish_reason == "abort" and end.token_ids == ()
-                assert end.num_output_tokens == len(got) == ABORT_AT + 1
+                assert end.num_output_tokens == len(got) == ABORT_AT
                 want = want[:len(got)]
             assert content(got) == content(want), f"request {i}"
             assert logprobs(got) == pytest.approx(logprobs(want), abs=1e-4)
@@ -130,14 +133,27 @@ def test_a_lone_request_gets_its_last_event_before_the_engine_idles(engine):
 
 
 def test_pending_tokens_come_before_the_abort_event(engine):
-    """The abort, asked for when the first token's event comes (during step 2), ends the
-    request after step 2: its second token, still pending then, comes first."""
+    """Request 0 is aborted by request 1's callback on its 2nd event, which (stop strings: no
+    deferral) comes at the end of step 2, after request 0's 2nd token was taken: the abort
+    ends it at the step boundary, when that token's text and event are still pending. They
+    come first."""
     params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
     solo = run(engine, [("abc", params)])[0]
-    events = run(engine, [("abc", params)], abort_at={0: 1})[0]
+    events = run(engine, [("abc", params), ("Hello", dataclasses.replace(params, stop=("zzz",)))],
+                 abort_at={0: (1, 2)})[0]
     assert [e.finish_reason for e in events] == [None, None, "abort"]
     assert content(events[:2]) == content(solo[:2])
     assert events[-1].num_output_tokens == 2
+
+
+def test_an_abort_on_seeing_a_token_ends_the_request_before_the_next_event(engine):
+    """A caller sees step k's token during step k+1 (the drain): its abort then ends the
+    request before step k+1's token is taken, not one step later."""
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    events = run(engine, [("abc", params)], abort_at={0: (0, 1)})[0]
+    assert [e.finish_reason for e in events] == [None, "abort"]
+    assert events[-1].num_output_tokens == 1
+    assert engine.scheduler.allocator.num_free == engine.scheduler.allocator.num_blocks
 
 
 def test_text_work_of_a_step_runs_during_the_next_forward(engine, monkeypatch):
