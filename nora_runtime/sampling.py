@@ -441,7 +441,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     before it (and lose engine._step's overlap of the last step's text work with this one).
     From pinned memory the copy is asynchronous (torch keeps the pinned block until it is
     done)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
