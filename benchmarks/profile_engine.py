@@ -1,6 +1,7 @@
 """Where the engine's closed loop spends its time: schedule, prepare, forward (prompt steps and
-decode steps apart), sample, the rest of a step (.tolist, bookkeeping), postprocess,
-detokenize + stop strings, event delivery, and the loop thread's time outside steps.
+decode steps apart), sample, the last step's deferred text and events, waiting for the tokens,
+postprocess, the per-row finish checks, the rest of a step, and the loop thread's time outside
+steps; and of the host's per-token work, detokenize + stop strings and event delivery.
 
     python benchmarks/profile_engine.py                          # tiny model, CPU
     python benchmarks/profile_engine.py --model 8b-dummy --device cuda --requests 256 \
@@ -9,10 +10,11 @@ detokenize + stop strings, event delivery, and the loop thread's time outside st
 N requests x (P prompt + O new tokens, random ids, greedy, ignore_eos) go in at once through
 `Engine.generate_async` (what the gRPC service uses), consumed by one asyncio loop, after a
 warm-up run. The phases are timed by wrapping the engine's own calls on its loop thread with
-time.perf_counter (no change to the engine; the wrappers cost ~1 us a call). On a GPU, sampling
-is followed by a device sync so that forward's queued kernels are charged to "sample + sync"
-(the loop blocks there on .tolist anyway): read forward + sample together. On the CPU the
-numbers are the host's share with a model whose forward is tiny: not H200 numbers.
+time.perf_counter (no change to the engine; the wrappers cost ~1 us a call). On a GPU, forward
+and sample only queue kernels, the previous step's text work runs while the device computes
+(deferred_text_and_events), and what is left of the device's time shows as wait_tokens: read
+forward + sample + deferred + wait together. On the CPU the numbers are the host's share with
+a model whose forward is tiny (nothing overlaps there): not H200 numbers.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-PHASES = ("schedule", "prepare", "forward_prompt_steps", "forward_decode_steps",
-          "sample_and_sync", "step_rest_tolist_bookkeeping", "postprocess",
-          "detokenize_and_stops", "emit_rest_events", "deliver_events",
-          "loop_outside_steps")
+# disjoint phases of the loop thread's time (they add up to the wall time)
+PHASES = ("schedule", "prepare", "forward_prompt_steps", "forward_decode_steps", "sample",
+          "deferred_text_and_events", "wait_tokens", "postprocess", "emit_finish_checks",
+          "step_rest_tolist_bookkeeping", "loop_outside_steps")
+# parts of emit_finish_checks (rows with stop strings or a grammar) and deferred_text_and_events
+PARTS = ("detokenize_and_stops", "deliver_events")
 
 
 class Profiler:
-    def __init__(self, engine, cuda: bool) -> None:
+    def __init__(self, engine) -> None:
         import nora_runtime.detokenize as detok_mod
         import nora_runtime.engine as engine_mod
 
@@ -50,16 +54,14 @@ class Profiler:
         self.n: collections.Counter[str] = collections.Counter()
         self.enabled = False
         e, r, s = engine, engine.runner, engine.scheduler
-        prompt_step = [False]
+        prompt_step, in_step = [False], [False]
 
-        def timed(name, fn, sync=False):
+        def timed(name, fn):
             def wrapper(*args, **kw):
                 if not self.enabled:
                     return fn(*args, **kw)
                 t = time.perf_counter()
                 out = fn(*args, **kw)
-                if sync:
-                    torch.cuda.synchronize()
                 key = name() if callable(name) else name
                 self.t[key] += time.perf_counter() - t
                 self.n[key] += 1
@@ -73,7 +75,13 @@ class Profiler:
         s.postprocess = timed("postprocess", s.postprocess)
         e._deliver = timed("deliver_events", e._deliver)
         e._emit = timed("emit", e._emit)
-        engine_mod.sample = timed("sample_and_sync", engine_mod.sample, sync=cuda)
+        # the drain also runs between steps (before the loop waits, aborts, deadlines)
+        e._drain = timed(lambda: "deferred_text_and_events" if in_step[0]
+                         else "deferred_outside_steps", e._drain)
+        engine_mod.sample = timed("sample", engine_mod.sample)
+        copy = engine_mod.HostCopy
+        engine_mod.HostCopy = timed("sample", copy)  # queues the copies to the host
+        copy.wait = timed("wait_tokens", copy.wait)
         inc, stops = detok_mod.IncrementalDetokenizer, detok_mod.StopChecker
         for cls, meth in ((inc, "step"), (inc, "flush"), (stops, "feed"), (stops, "flush")):
             setattr(cls, meth, timed("detokenize_and_stops", getattr(cls, meth)))
@@ -82,24 +90,31 @@ class Profiler:
         def step_wrapper(batch):
             prompt_step[0] = any(n > 1 for n in batch.num_new_tokens)
             self.n["prompt_steps" if prompt_step[0] else "decode_steps"] += self.enabled
-            return step(batch)
+            in_step[0] = True
+            try:
+                return step(batch)
+            finally:
+                in_step[0] = False
 
         e._step = step_wrapper
 
     def result(self, wall: float) -> dict:
         t = dict(self.t)
         step = t.pop("step", 0.0)
-        emit = t.pop("emit", 0.0)
+        outside = t.pop("deferred_outside_steps", 0.0)
+        t["deferred_text_and_events"] = t.get("deferred_text_and_events", 0.0) + outside
+        # _emit's own time: the finish checks, freeing, and the text work of rows with stop
+        # strings or a grammar (detokenize_and_stops and deliver_events are parts of it)
+        t["emit_finish_checks"] = t.pop("emit", 0.0)
         inner = sum(t.get(k, 0.0) for k in ("prepare", "forward_prompt_steps",
-                                            "forward_decode_steps", "sample_and_sync",
-                                            "postprocess"))
-        # _emit calls the detokenizer and _deliver; _finish (inside _emit) delivers too
-        t["emit_rest_events"] = max(0.0, emit - t.get("detokenize_and_stops", 0.0)
-                                    - t.get("deliver_events", 0.0))
-        t["step_rest_tolist_bookkeeping"] = max(0.0, step - inner - emit)
-        t["loop_outside_steps"] = max(0.0, wall - step - t.get("schedule", 0.0))
-        return {"wall_s": wall, "seconds": {k: t.get(k, 0.0) for k in PHASES},
-                "share": {k: t.get(k, 0.0) / wall for k in PHASES},
+                                            "forward_decode_steps", "sample", "wait_tokens",
+                                            "postprocess", "emit_finish_checks"))
+        t["step_rest_tolist_bookkeeping"] = max(
+            0.0, step - inner - (t["deferred_text_and_events"] - outside))
+        t["loop_outside_steps"] = max(0.0, wall - step - t.get("schedule", 0.0) - outside)
+        keys = PHASES + PARTS
+        return {"wall_s": wall, "seconds": {k: t.get(k, 0.0) for k in keys},
+                "share": {k: t.get(k, 0.0) / wall for k in keys},
                 "calls": dict(self.n)}
 
 
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                        kv_memory_fraction=0.5)
     engine = Engine(cfg).start()
     cuda = engine.runner.device.type == "cuda"
-    prof = Profiler(engine, cuda)
+    prof = Profiler(engine)
     rng = random.Random(0)
     vocab = min(engine.info.vocab_size, 256)
     prompts = [[rng.randrange(vocab) for _ in range(a.prompt_len)] for _ in range(a.requests)]
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": res,
         "host_ms_per_step": {k: res["seconds"][k] / max(1, res["calls"].get("prompt_steps", 0)
                                                       + res["calls"].get("decode_steps", 0)) * 1e3
-                             for k in PHASES if not k.startswith("forward")}}
+                             for k in PHASES + PARTS if not k.startswith("forward")}}
     out = RESULTS / a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -209,15 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     for k in PHASES:
         lines.append(f"| {k} | {res['seconds'][k]:.3f} | {res['share'][k]:.1%} | "
                      f"{res['seconds'][k] / steps * 1e3:.2f} |")
-    lines += [f"| wall | {res['wall_s']:.3f} | 100% | {res['wall_s'] / steps * 1e3:.2f} |", "",
-              "forward_*: ModelRunner.forward; sample_and_sync: sampling (+ a device sync on "
-              "GPU); step_rest: .tolist and per-step bookkeeping in Engine._step; "
-              "detokenize_and_stops: IncrementalDetokenizer + StopChecker; emit_rest_events: "
-              "finish checks and TokenEvent building; deliver_events: the request callbacks "
-              "(generate_async: before dfff2be a loop.call_soon_threadsafe per token per "
-              "request; since, an append to the step's outbox); loop_outside_steps: the loop "
-              "thread between steps (the outbox's one call_soon_threadsafe per asyncio loop, "
-              "locks, waiting, the GIL held by the asyncio consumer)."]
+    lines.append(f"| wall | {res['wall_s']:.3f} | 100% | {res['wall_s'] / steps * 1e3:.2f} |")
+    for k in PARTS:
+        lines.append(f"| (part) {k} | {res['seconds'][k]:.3f} | {res['share'][k]:.1%} | "
+                     f"{res['seconds'][k] / steps * 1e3:.2f} |")
+    lines += ["",
+              "forward_*: ModelRunner.forward; sample: sampling and queuing the tokens' copy "
+              "to the host (HostCopy); deferred_text_and_events: Engine._drain, the previous "
+              "step's text and events of rows without stop strings or a grammar (run while "
+              "the device computes the step on GPU; also between steps, before the loop "
+              "waits); wait_tokens: HostCopy.wait, the device time the drain did not cover; "
+              "emit_finish_checks: Engine._emit, finish checks and freeing, and the whole "
+              "text work of rows with stop strings or a grammar; step_rest: .tolist, "
+              "per-step bookkeeping in Engine._step and handing the drained events to asyncio "
+              "(_flush_events: one call_soon_threadsafe per asyncio loop); loop_outside_steps: "
+              "the loop thread between steps (the outbox of events sent at once, locks, "
+              "waiting, the GIL held by the asyncio consumer). Parts of emit_finish_checks "
+              "and deferred_text_and_events: detokenize_and_stops (IncrementalDetokenizer + "
+              "StopChecker) and deliver_events (the request callbacks; generate_async: an "
+              "append to the step's outbox)."]
     if not cuda:
         lines += ["", "CPU, tiny model: the host work's share, not H200 numbers (the forward "
                   "of an 8B model on the H200 is ~10-20 ms a step; here it is the tiny model's "

@@ -225,6 +225,35 @@ class SampleResult:
     top_logprobs: torch.Tensor | None = None
 
 
+class HostCopy:
+    """A SampleResult on its way to the host: every tensor is copied with non_blocking=True
+    (into pinned memory on CUDA, which a non-blocking device-to-host copy needs to be
+    asynchronous) behind the kernels that compute it, and a CUDA event marks the copies' end.
+    Creating one does not wait for the device, so the host can do other work (the engine: the
+    previous step's text and events) while the step still runs; `wait` blocks only then.
+    On the CPU the copies are plain tensors and nothing waits."""
+
+    def __init__(self, result: SampleResult) -> None:
+        cuda = result.tokens.device.type == "cuda"
+        # torch's caching host allocator reuses pinned blocks (and keeps a block until the
+        # copy into it is done), so a fresh buffer per step costs no cudaHostAlloc
+        self._host = SampleResult(*(
+            None if t is None else
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t, non_blocking=True)
+            for t in (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)))
+        self._done = None
+        if cuda:
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def wait(self) -> SampleResult:
+        """The result on the host, once the device has written it (releases the GIL while it
+        waits)."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None],
            history: Sequence[Sequence[int]], *,
@@ -263,7 +292,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     x = _presence_frequency(x, params, outputs)
     temperature = [1.0 if p.greedy else p.temperature for p in params]
     if any(t != 1.0 for t in temperature):
-        x = x / torch.tensor(temperature, device=device)[:, None]
+        x = x / _device_tensor(temperature, device)[:, None]
     threshold = _thresholds(x, params)  # [B] or None
     by_min_p = _min_p_thresholds(x, params)  # [B] or None
     if by_min_p is not None:
@@ -278,7 +307,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if len(rows) == B:
             scores = x + gumbel
         else:
-            idx = torch.tensor(rows, device=device)
+            idx = _device_tensor(rows, device)
             scores = x.index_put((idx,), x[idx] + gumbel)
     tokens = scores.argmax(dim=-1)  # [B]
 
@@ -301,15 +330,15 @@ def _mask(x: torch.Tensor, allowed: Sequence[torch.Tensor | None] | None,
     device = x.device
     rows = [i for i, a in enumerate(allowed or ()) if a is not None]
     if rows:
-        keep = torch.stack([allowed[i] for i in rows]).to(device)  # [R, V] bool
-        idx = torch.tensor(rows, device=device)
+        keep = _to_device(torch.stack([allowed[i] for i in rows]), device)  # [R, V] bool
+        idx = _device_tensor(rows, device)
         x = x.index_put((idx,), x[idx].masked_fill(~keep, -math.inf))
     rows = [i for i, b in enumerate(banned or ()) if len(b)]
     if rows:
-        counts = torch.tensor([len(banned[i]) for i in rows], device=device)
-        r = torch.repeat_interleave(torch.tensor(rows, device=device), counts)  # [N]
-        c = torch.tensor(list(chain.from_iterable(banned[i] for i in rows)), device=device)
-        x = x.index_put((r, c), torch.tensor(-math.inf, device=device))
+        counts = _device_tensor([len(banned[i]) for i in rows], device)
+        c = _device_tensor(list(chain.from_iterable(banned[i] for i in rows)), device)  # [N]
+        r = _repeat(_device_tensor(rows, device), counts, len(c))  # [N]
+        x = x.index_put((r, c), torch.full((), -math.inf, device=device))
     return x
 
 
@@ -325,15 +354,15 @@ def _presence_frequency(x: torch.Tensor, params: Sequence[SamplingParams],
     if not rows:
         return x
     device = x.device
-    lengths = torch.tensor([len(outputs[i]) for i in rows], device=device)
-    r = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)  # [N]
-    c = torch.tensor(list(chain.from_iterable(outputs[i] for i in rows)), device=device)
+    lengths = _device_tensor([len(outputs[i]) for i in rows], device)
+    c = _device_tensor(list(chain.from_iterable(outputs[i] for i in rows)), device)  # [N]
+    r = _repeat(torch.arange(len(rows), device=device), lengths, len(c))  # [N]
     counts = torch.zeros(len(rows), x.shape[1], device=device)  # [R, V]
     counts.index_put_((r, c), torch.ones_like(c, dtype=counts.dtype), accumulate=True)
-    presence = torch.tensor([params[i].presence_penalty for i in rows], device=device)
-    frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device)
+    presence = _device_tensor([params[i].presence_penalty for i in rows], device)
+    frequency = _device_tensor([params[i].frequency_penalty for i in rows], device)
     penalty = frequency[:, None] * counts + presence[:, None] * (counts > 0)
-    idx = torch.tensor(rows, device=device)
+    idx = _device_tensor(rows, device)
     return x.index_put((idx,), x[idx] - penalty)
 
 
@@ -344,8 +373,8 @@ def _min_p_thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     if not rows:
         return None
     device = x.device
-    idx = torch.tensor(rows, device=device)
-    log_min_p = torch.tensor([math.log(params[i].min_p) for i in rows], device=device)
+    idx = _device_tensor(rows, device)
+    log_min_p = _device_tensor([math.log(params[i].min_p) for i in rows], device)
     threshold = torch.full((x.shape[0],), -math.inf, device=device)
     threshold[idx] = x[idx].max(dim=-1).values + log_min_p
     return threshold
@@ -359,11 +388,11 @@ def _penalise(x: torch.Tensor, params: Sequence[SamplingParams],
     if not rows:
         return x
     device = x.device
-    counts = torch.tensor([len(history[i]) for i in rows], device=device)
-    r = torch.repeat_interleave(torch.tensor(rows, device=device), counts)  # [N]
-    c = torch.tensor(list(chain.from_iterable(history[i] for i in rows)), device=device)  # [N]
-    penalty = torch.repeat_interleave(
-        torch.tensor([params[i].repetition_penalty for i in rows], device=device), counts)
+    counts = _device_tensor([len(history[i]) for i in rows], device)
+    c = _device_tensor(list(chain.from_iterable(history[i] for i in rows)), device)  # [N]
+    r = _repeat(_device_tensor(rows, device), counts, len(c))  # [N]
+    penalty = _repeat(_device_tensor([params[i].repetition_penalty for i in rows], device),
+                      counts, len(c))
     seen = x[r, c]  # [N]; a repeated id writes the same value twice, so duplicates are harmless
     return x.index_put((r, c), torch.where(seen > 0, seen / penalty, seen * penalty))
 
@@ -378,10 +407,10 @@ def _thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tens
     if not rows:
         return None
     device = x.device
-    idx = torch.tensor(rows, device=device)
+    idx = _device_tensor(rows, device)
     top_k = [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]
     top_p = [params[i].top_p for i in rows]
-    k = torch.tensor(top_k, device=device)  # [R]
+    k = _device_tensor(top_k, device)  # [R]
     if all(p == 1.0 for p in top_p):
         values = x[idx].topk(max(top_k), dim=-1).values  # [R, kmax], descending
         keep = k
@@ -393,12 +422,34 @@ def _thresholds(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tens
         # keeps the fewest tokens reaching top_p and always the first. Shifting the cumsum (not
         # cumsum - probs) keeps it monotone in float32.
         before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # [R, V]
-        p = torch.tensor(top_p, device=device)
+        p = _device_tensor(top_p, device)
         by_p = torch.where(p < 1.0, (before < p[:, None]).sum(dim=-1), V)
         keep = torch.minimum(by_p, k).clamp(min=1)
     threshold = torch.full((B,), -math.inf, device=device)
     threshold[idx] = values.gather(1, (keep - 1)[:, None]).squeeze(1)
     return threshold
+
+
+def _device_tensor(values: list, device: torch.device) -> torch.Tensor:
+    """torch.tensor(values, device=device), without waiting for the device."""
+    return _to_device(torch.tensor(values), device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: a plain copy to a CUDA device
+    synchronizes the stream, so in `sample` the host would wait for the forward pass queued
+    before it (and lose engine._step's overlap of the last step's text work with this one).
+    From pinned memory the copy is asynchronous (torch keeps the pinned block until it is
+    done)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _repeat(t: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """torch.repeat_interleave(t, counts) given the sum of counts: without it, the result's
+    size is read back from the device (a synchronization, see `_to_device`)."""
+    return torch.repeat_interleave(t, counts, output_size=total)
 
 
 def _gumbel(V: int, generators: Sequence[torch.Generator | None],
