@@ -50,9 +50,13 @@ def run(engine: Engine, requests: list[tuple[str, SamplingParams]],
             if at == (j, len(results[j])):
                 engine.abort(f"overlap-{i}")
 
-    for i, (prompt, params) in enumerate(requests):
-        engine.submit(prompt, params, request_id=f"overlap-{i}",
-                      on_event=lambda e, i=i: on_event(i, e))
+    # under the loop's lock (a reentrant Condition), so that the loop takes them all at once:
+    # otherwise, on a busy machine, it may run a step with the first before the others come
+    # and the steps of the tests' reasoning shift
+    with engine._lock:
+        for i, (prompt, params) in enumerate(requests):
+            engine.submit(prompt, params, request_id=f"overlap-{i}",
+                          on_event=lambda e, i=i: on_event(i, e))
     pending = len(requests)
     while pending:
         _, event = events.get(timeout=TIMEOUT)
