@@ -297,24 +297,55 @@ def summarize(results: list[Result], wall: float) -> dict:
 # ---- adapters --------------------------------------------------------------------------------
 
 
-def adapter_blobs(info, count: int, seed: int):
-    """`count` distinct adapter files (bytes) for the served model `info` (ModelInfoResponse):
-    one NoraAdapter whose B factors are redrawn for each (~1 ms each)."""
+_ADAPTER: dict = {}  # per process: the NoraAdapter whose B factors each blob redraws
+BLOB_CHUNK = 4096  # adapters a pool makes at a time (bounded memory: ~50 MB of 8B-shaped ones)
+
+
+def nora_blob(spec: tuple) -> bytes:
+    """Adapter file i of spec = (act, groups, layers, mode, fingerprint, seed, i): a
+    NoraAdapter whose B factors come from a generator seeded by (seed, i), so that any process
+    makes the same tensors (~1 ms)."""
     import torch
 
     from nora_runtime.adapter import NoraAdapter, adapter_to_bytes
     from nora_runtime.rational import base_coefficients
 
-    torch.manual_seed(seed)
-    m = NoraAdapter(base_coefficients(info.act), rank=3, alpha=6.0, groups=info.groups,
-                    site_names=[f"model.layers.{i}.mlp.act_fn" for i in range(info.num_layers)],
-                    act=info.act, mode=info.mode)
-    gen = torch.Generator().manual_seed(seed)
+    act, groups, layers, mode, fingerprint, seed, i = spec
+    if _ADAPTER.get("key") != (act, groups, layers, mode, seed):
+        _ADAPTER["key"] = (act, groups, layers, mode, seed)
+        torch.manual_seed(seed)  # the A factors: the same in every process
+        _ADAPTER["m"] = NoraAdapter(base_coefficients(act), rank=3, alpha=6.0, groups=groups,
+                                    site_names=[f"model.layers.{j}.mlp.act_fn"
+                                                for j in range(layers)], act=act, mode=mode)
+    m = _ADAPTER["m"]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
     with torch.no_grad():
-        for _ in range(count):
-            for p in (m.num_B, m.den_B):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            yield adapter_to_bytes(m, base_fingerprint=info.fingerprint)
+        for p in (m.num_B, m.den_B):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return adapter_to_bytes(m, base_fingerprint=fingerprint)
+
+
+def adapter_blobs(info, count: int, seed: int):
+    """`count` distinct adapter files (bytes) for the served model `info` (ModelInfoResponse),
+    in order. Many are made by a pool of processes, a chunk ahead of the consumer: in this
+    process, 100,000 took minutes on the H200 host, during which the LoadAdapter calls waited
+    for their bytes."""
+    specs = [(info.act, info.groups, info.num_layers, info.mode, info.fingerprint, seed, i)
+             for i in range(count)]
+    if count < 2 * BLOB_CHUNK:
+        yield from map(nora_blob, specs)
+        return
+    import multiprocessing
+
+    procs = max(1, min(8, (os.cpu_count() or 2) - 2))
+    chunks = [specs[s:s + BLOB_CHUNK] for s in range(0, count, BLOB_CHUNK)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        ahead = pool.map_async(nora_blob, chunks[0])
+        for k in range(len(chunks)):
+            done = ahead.get()
+            if k + 1 < len(chunks):
+                ahead = pool.map_async(nora_blob, chunks[k + 1])
+            yield from done
 
 
 def lora_blobs(info, count: int, seed: int, rank: int, targets: tuple[str, ...], hf_config):
@@ -490,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"serving {info.model} on {info.device} ({info.dtype}); {server.target}")
         marker = store / ".bench-serve.json"
         want = {"fingerprint": info.fingerprint, "count": n_adapters, "seed": a.seed,
-                "kind": a.adapter_kind}
+                "kind": a.adapter_kind, "draw": "per-index"}
         if a.adapter_kind == "lora":
             from transformers import AutoConfig
 
