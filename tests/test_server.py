@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import ssl
 import threading
 import time
@@ -302,6 +303,37 @@ def test_invalid_argument(served, engine, store):
             assert code == Code.INVALID_ARGUMENT and repr(path) in message, path
         code, _ = code_of(nora.load_adapter, "bad id", data=adapter_bytes(engine, 1))
         assert code == Code.INVALID_ARGUMENT
+
+
+def test_stream_interval_sends_fewer_fuller_messages(served, engine):
+    """--stream-interval 4: the first token comes alone, later messages carry at least 4 tokens
+    (the last may carry fewer), and the text, ids and logprobs are the same as one message per
+    token (over gRPC and the OpenAI API's stream, which share the path)."""
+    s = ServerThread(engine, stream_interval=4)
+    kw = dict(adapter_id="a", temperature=0.8, seed=7, logprobs=True, max_new_tokens=11,
+              ignore_eos=True)
+    try:
+        with served.client() as nora:
+            want_text, want_ids, want_parts = stream(nora, **kw)
+        with s.client() as nora:
+            text, ids, parts = stream(nora, **kw)
+        body = json.dumps({"model": "a", "prompt": PROMPT, "max_tokens": 11, "stream": True,
+                           "temperature": 0, "ignore_eos": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{s.server.http_port}/v1/completions",
+                                         data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            chunks = [json.loads(line[6:]) for line in reply.read().decode().splitlines()
+                      if line.startswith("data: {")]
+    finally:
+        s.close()
+    assert (text, ids) == (want_text, want_ids) and len(ids) == 11
+    assert [lp for p in parts for lp in p.logprobs] == [lp for p in want_parts
+                                                       for lp in p.logprobs]
+    counts = [len(p.token_ids) for p in parts]
+    assert counts[0] == 1 and all(n >= 4 for n in counts[1:-1]) and sum(counts) == 11, counts
+    assert len(parts) < len(want_parts)
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert len([t for t in texts if t]) <= 4  # 1 + ceil(10 / 4) messages with text at most
 
 
 def test_server_limits(engine):

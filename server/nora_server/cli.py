@@ -83,6 +83,8 @@ SERVER_FLAGS = {  # ServerConfig field -> help
                    "(prefer NORA_ADMIN_TOKEN)",
     "metrics_adapter_labels": "adapter ids with their own metrics label; later ones count "
                               "as 'other'",
+    "stream_interval": "streamed tokens per message, at least (the first token goes at once): "
+                       "fewer messages, less host time per token under load",
     "switch_interval_ms": "Python's GIL switch interval in ms: how long the thread serving "
                           "streams may hold the GIL while the engine thread waits "
                           "(Python's own default is 5)",

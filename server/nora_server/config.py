@@ -44,6 +44,9 @@ class ServerConfig:
     auth_token: str | None = None
     admin_token: str | None = None
     metrics_adapter_labels: int = 32  # adapter ids with their own metric label (metrics.py)
+    # Streamed tokens per message, at least (vLLM's --stream-interval): the first token goes
+    # at once, then messages wait until they carry this many tokens or the request ends.
+    stream_interval: int = 1
     # Python's GIL switch interval (sys.setswitchinterval), ms: how long the asyncio thread
     # (gRPC and HTTP streams) may keep the GIL while the engine's loop thread waits for it.
     # None: Python's default (5 ms). Measured on the H200 (8B shape, 256 streams through gRPC,
@@ -62,7 +65,8 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("max_concurrent_requests", "max_message_bytes", "tokenize_threads"):
+        for name in ("max_concurrent_requests", "max_message_bytes", "tokenize_threads",
+                     "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.tokenize_queue < 0:
