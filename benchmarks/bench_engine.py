@@ -285,14 +285,21 @@ def bench_prefill(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
     engine.shutdown()
 
 
+def started_engine(ckpt: Path, cfg: LlamaConfig, slots: int) -> tuple[Engine, list[bytes]]:
+    """A started Engine for the closed-loop and load parts (256 seats, context 512 + 64, `slots`
+    adapter slots) and 16 adapter files for it."""
+    engine = Engine(EngineConfig(model=str(ckpt), load_format="dummy", max_num_seqs=256,
+                                 max_model_len=CTX + 64, max_num_batched_tokens=8192,
+                                 kv_memory_fraction=0.5, max_adapters=slots,
+                                 kv_cache_tokens_cpu=200_000)).start()
+    blobs = [random_adapter(engine.info.fingerprint, cfg.num_hidden_layers, s) for s in range(16)]
+    return engine, blobs
+
+
 def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
     """Closed-loop throughput, with no adapter and with every request on its own adapter."""
-    ecfg = EngineConfig(model=str(ckpt), load_format="dummy", max_num_seqs=256,
-                        max_model_len=CTX + 64, max_num_batched_tokens=8192,
-                        kv_memory_fraction=0.5, max_adapters=2 * THROUGHPUT[0],
-                        kv_cache_tokens_cpu=200_000)
     t = time.perf_counter()
-    engine = Engine(ecfg).start()
+    engine, blobs = started_engine(ckpt, cfg, 2 * THROUGHPUT[0])
     res["engine_init_s"] = time.perf_counter() - t
     n_req, n_prompt, n_new = THROUGHPUT
     params = SamplingParams(temperature=0, max_new_tokens=n_new, ignore_eos=True)
@@ -317,7 +324,6 @@ def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
     print(f"engine throughput {res['throughput_tok_s']:.0f} tok/s (median of "
           f"{', '.join(f'{r:.0f}' for r in runs)})", flush=True)
 
-    blobs = [random_adapter(engine.info.fingerprint, cfg.num_hidden_layers, s) for s in range(16)]
     for i in range(n_req):  # adapters of the mixed run
         engine.load_adapter(f"mix{i}", blobs[i % len(blobs)])
     res["throughput_mixed_tok_s"] = closed_loop([f"mix{i}" for i in range(n_req)])
@@ -329,12 +335,8 @@ def bench_engine(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
 def bench_loads(ckpt: Path, cfg: LlamaConfig, res: dict, small: bool) -> None:
     """Adapter hot-load times into a 100,000-slot table, idle and while serving."""
     slots = 1000 if small else 100_000
-    ecfg = EngineConfig(model=str(ckpt), load_format="dummy", max_num_seqs=256,
-                        max_model_len=CTX + 64, max_num_batched_tokens=8192,
-                        kv_memory_fraction=0.5, max_adapters=slots, kv_cache_tokens_cpu=200_000)
-    engine = Engine(ecfg).start()
+    engine, blobs = started_engine(ckpt, cfg, slots)
     n_req = THROUGHPUT[0]
-    blobs = [random_adapter(engine.info.fingerprint, cfg.num_hidden_layers, s) for s in range(16)]
     res["adapter_file_bytes"] = len(blobs[0])
     times = []
     for i in range(slots):
