@@ -28,8 +28,8 @@ Per run: output tok/s, TTFT / inter-token latency / end-to-end p50 and p99, requ
 failed. Rows: serve_throughput_tok_s (closed loop, fixed, no adapter), throughput_<K>_adapters_
 ratio (closed loop, fixed, K distinct uniform, over no adapter; K the largest uniform set), the
 TTFT / ITL / E2E rows of the no-adapter closed loop, and for every adapter set S
-[lora_]serve_throughput_S_tok_s and _ratio (over no adapter; 000 written k: z1k). Writes
-benchmarks/results/<out>.{json,md}.
+[lora_]serve_throughput_S_tok_s and _ratio (over no adapter; thousands written k: z1k,
+u100k). Writes benchmarks/results/<out>.{json,md}.
 """
 
 from __future__ import annotations
@@ -611,7 +611,8 @@ def report(a, argv, runs: list[dict], detail: dict, info, t_all: float) -> dict:
         for spec in a.adapters.split(","):  # every set: its throughput and ratio over none
             if spec != "none" and closed("fixed", spec):
                 tok_s = median_run(closed("fixed", spec))["output_tok_s"]
-                name = f"{prefix}serve_throughput_{spec.replace('000', 'k')}"
+                short = spec if spec == "1" else spec[0] + label(adapter_count(spec))
+                name = f"{prefix}serve_throughput_{short}"
                 rows += [(f"{name}_tok_s", tok_s, "tok/s"),
                          (f"{name}_ratio", tok_s / m["output_tok_s"], "x")]
         if uniform and not prefix:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import queue
@@ -363,8 +362,11 @@ class Engine:
         try:
             while not done:
                 event = await events.get()
-                while coalesce and event.finish_reason is None and not events.empty():
-                    event = merged(event, events.get_nowait())
+                if coalesce and event.finish_reason is None and not events.empty():
+                    run = [event]  # the finish, if queued, is the last: nothing follows it
+                    while not events.empty():
+                        run.append(events.get_nowait())
+                    event = merged(*run)
                 done = event.finish_reason is not None
                 yield event
         finally:
@@ -789,16 +791,26 @@ def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
         events.put_nowait(event)
 
 
-def merged(a: TokenEvent, b: TokenEvent) -> TokenEvent:
-    """One event for two consecutive events of a request (`b` after `a`): tokens, text and
-    per-token lists joined; the rest is b's (its counts, finish), but a's queue time."""
-    def join(x: tuple | None, y: tuple | None) -> tuple | None:
-        return None if x is None and y is None else (x or ()) + (y or ())
-
-    return dataclasses.replace(
-        b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text,
-        logprobs=join(a.logprobs, b.logprobs), top_logprobs=join(a.top_logprobs, b.top_logprobs),
-        queue_seconds=a.queue_seconds if a.queue_seconds is not None else b.queue_seconds)
+def merged(*events: TokenEvent) -> TokenEvent:
+    """One event for consecutive events of a request, in order: tokens, text and per-token
+    lists joined; the rest is the last one's (its counts, finish), but the first queue time.
+    Built in one step: a server's event loop calls this for hundreds of streams per step."""
+    token_ids, text, logprobs, top, queued = (), "", None, None, None
+    for e in events:
+        token_ids += e.token_ids
+        text += e.text
+        if e.logprobs is not None:
+            logprobs = (logprobs or ()) + e.logprobs
+        if e.top_logprobs is not None:
+            top = (top or ()) + e.top_logprobs
+        if queued is None:
+            queued = e.queue_seconds
+    last = events[-1]
+    return TokenEvent(
+        request_id=last.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
+        finish_reason=last.finish_reason, error=last.error,
+        num_prompt_tokens=last.num_prompt_tokens, num_output_tokens=last.num_output_tokens,
+        queue_seconds=queued, top_logprobs=top)
 
 
 def _release_hold(future: asyncio.Future[AdapterHold]) -> None:

@@ -115,6 +115,7 @@ class _Tracker:
         if not self.started:  # the engine accepted the request (so the adapter id exists and
             self.started = True  # may claim a metric label: unknown ids never get one)
             self.label = m.adapter_label(self.adapter_id)
+            self.adapter_tokens = m.adapter_tokens.labels(self.label)  # looked up once
             m.prompt_tokens.inc(ev.num_prompt_tokens)
             m.adapter_requests.labels(self.label).inc()
         if ev.queue_seconds is not None:  # submit -> first scheduled, as the engine saw it
@@ -133,7 +134,7 @@ class _Tracker:
             self.last = now
             self.generated += n
             m.generated_tokens.inc(n)
-            m.adapter_tokens.labels(self.label).inc(n)
+            self.adapter_tokens.inc(n)
         if ev.finish_reason is not None:
             self.done(FINISH[ev.finish_reason][1])
 
