@@ -32,6 +32,8 @@ def test_bench_serve_smoke(tmp_path):
     closed = [r for r in runs if (r["workload"], r["rate"], r["adapters"])
               == ("fixed", "closed", "none")]
     assert len(closed) >= 3  # the row is the median of >= 3 closed-loop runs
+    order = [r["adapters"] for r in runs if (r["workload"], r["rate"]) == ("fixed", "closed")]
+    assert order[:6] == ["none", "z100", "u100"] * 2  # repeats go round the sets
     assert all(r["requests_failed"] == 0 and r["requests_ok"] == 8 for r in runs)
     assert doc["detail"]["adapters_made"] == 100
     assert doc["detail"]["warmup_failed"] == [0]
