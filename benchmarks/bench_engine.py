@@ -386,13 +386,13 @@ ROWS = [("decode_step_b1_ms", "ms"), ("decode_step_b32_ms", "ms"), ("decode_step
 def run_parts(parts: dict, names: list[str], cfg, res: dict, small: bool, doc: dict,
               rows: list[tuple[str, str]], out: str) -> None:
     """Run each named part `parts[name](ckpt, cfg, res, small)` on a checkpoint directory made
-    from `cfg` (byte tokenizer), in turn; a failing part leaves an `<name>_error` and the others
-    run on. After each part, `doc` (its rows: those of `rows` found in `res`) is written to
-    `out`, so a run cut short keeps what it measured."""
+    from `cfg` (the byte tokenizer, padded to its vocabulary), in turn; a failing part leaves
+    an `<name>_error` and the others run on. After each part, `doc` (its rows: those of `rows`
+    found in `res`) is written to `out`, so a run cut short keeps what it measured."""
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d)
         cfg.save_pretrained(ckpt)
-        byte_tokenizer().save_pretrained(ckpt)
+        byte_tokenizer(cfg.vocab_size).save_pretrained(ckpt)  # every id has text
         for name in names:
             t = time.perf_counter()
             try:

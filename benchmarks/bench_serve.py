@@ -396,8 +396,9 @@ def dummy_checkpoint(d: Path) -> Path:
 
     from nora_runtime.tiny import byte_tokenizer
 
-    model_config(small=False).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
+    cfg = model_config(small=False)
+    cfg.save_pretrained(d)
+    byte_tokenizer(cfg.vocab_size).save_pretrained(d)  # every sampled id has text
     return d
 
 

@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench_engine import model_config
 
         from nora_runtime.tiny import byte_tokenizer
-        model_config(small=False).save_pretrained(tmp.name)
-        byte_tokenizer().save_pretrained(tmp.name)
+        cfg = model_config(small=False)
+        cfg.save_pretrained(tmp.name)
+        byte_tokenizer(cfg.vocab_size).save_pretrained(tmp.name)
         model, fmt = tmp.name, "dummy"
     elif a.model is None:
         from nora_runtime.tiny import tiny_checkpoint

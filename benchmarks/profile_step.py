@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = {}
     with tempfile.TemporaryDirectory() as d:
         cfg.save_pretrained(d)
-        byte_tokenizer().save_pretrained(d)
+        byte_tokenizer(cfg.vocab_size).save_pretrained(d)
         ecfg = EngineConfig(model=d, load_format="dummy", device=dev, max_num_seqs=128,
                             max_model_len=CTX + 64, max_num_batched_tokens=8192,
                             kv_memory_fraction=0.3, max_adapters=16, cuda_graphs=False,

@@ -44,9 +44,10 @@ class IncrementalDetokenizer:
     DecodeStream, with no Python decode() per token. It holds back a whole token's text while
     that text ends mid-character (the Python window sends the complete characters before it at
     once), so text may come one token later; the concatenated text is the same. An id the
-    backend does not know (a model whose vocabulary is larger than its tokenizer's), an error
-    of DecodeStream, and `flush()` hand over to the Python window, primed with every id so far
-    and the text already sent, so that the rest is what decode() of the whole output adds.
+    backend does not know (a model whose vocabulary is larger than its tokenizer's) has no
+    text, as decode() skips it, and DecodeStream never sees it. An error of DecodeStream and
+    `flush()` hand over to the Python window, primed with every id so far and the text already
+    sent, so that the rest is what decode() of the whole output adds.
     """
 
     def __init__(self, tokenizer, *, skip_special_tokens: bool = True,
@@ -79,17 +80,19 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """Add one output token; return the text it completes (often "", e.g. mid-character)."""
         if self._stream is not None:
-            if 0 <= token_id < self._vocab:
-                try:
-                    piece = self._stream.step(self._backend, token_id)
-                except Exception:  # noqa: BLE001 - the Python window decodes what Rust would not
-                    piece = False
-                if piece is not False:
-                    self._ids.append(token_id)
-                    if piece:
-                        self._text.append(piece)
-                        self._emitted += len(piece)
-                    return piece or ""
+            if not 0 <= token_id < self._vocab:  # no text, as in decode(): it skips such ids
+                self._ids.append(token_id)
+                return ""
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:  # noqa: BLE001 - the Python window decodes what Rust would not
+                piece = False
+            if piece is not False:
+                self._ids.append(token_id)
+                if piece:
+                    self._text.append(piece)
+                    self._emitted += len(piece)
+                return piece or ""
             self._to_window()
         self._window.append(token_id)
         new = self._decode(self._window)

@@ -31,15 +31,26 @@ def tiny_dir() -> Path:
     return cache_root() / f"tiny-llama-v{TINY_VERSION}"
 
 
-def byte_tokenizer():
+def byte_tokenizer(vocab_size: int | None = None):
     """A byte-level tokenizer with no merges: every UTF-8 byte is one token (multi-byte
-    characters span several tokens), plus <s>, </s> and <pad>. Needs no training data."""
+    characters span several tokens), plus <s>, </s> and <pad>. Needs no training data.
+    vocab_size: ids from 259 on up to it are tokens of 2-3 letters or digits, as in a trained
+    vocabulary (encoding never makes them; they decode to their text): a benchmark's random
+    model then samples ids that all have text, like a real model and tokenizer."""
+    import itertools
+    import string
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab.update({s: 256 + i for i, s in enumerate(SPECIALS)})
+    chars = string.ascii_letters + string.digits  # their own stand-ins in the alphabet
+    words = itertools.chain(itertools.product(chars, repeat=2),
+                            itertools.product(chars, repeat=3))  # 242,048 of them
+    for i in range(len(vocab), vocab_size or 0):
+        vocab["".join(next(words))] = i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

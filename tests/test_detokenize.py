@@ -135,20 +135,23 @@ def test_word_pieces_and_specials(tokenizers, use_stream):
 
 
 @pytest.mark.parametrize("name", ["bpe", "bytes"])
-def test_unknown_ids_and_spaces_hand_over_to_the_window(tokenizers, name):
-    """Ids past the tokenizer's vocabulary (a model with a larger embedding than its tokenizer,
-    as benchmarks' 8B shape with the byte tokenizer) switch DecodeStream to the Python window
-    mid-stream; the text is still decode()'s, multi-byte characters split around the switch and
-    runs of spaces included."""
+def test_unknown_ids_have_no_text_and_keep_the_stream(tokenizers, name):
+    """Ids past the tokenizer's vocabulary (a model with a larger embedding than its tokenizer)
+    have no text, as in decode(), and leave DecodeStream in use (the Python window decodes the
+    whole output each step while it only sees such ids: its window never moves on); the text
+    is decode()'s, multi-byte characters split around them and runs of spaces included."""
     tok = tokenizers[name]
     rng = random.Random(name)
     for text in TEXTS + ["  a  b   ", "中😀 x"]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for _ in range(10):
             cut = rng.randint(0, len(ids))
-            mixed = ids[:cut] + [len(tok) + 1000] + ids[cut:]
+            mixed = ids[:cut] + [len(tok) + 1000, len(tok) + 7] + ids[cut:]
             deltas = stream(tok, mixed, use_stream=True)
             assert "".join(deltas) == decode(tok, mixed), (text, cut)
+    detok = IncrementalDetokenizer(tok)
+    assert [detok.step(len(tok) + i) for i in range(100)] == [""] * 100
+    assert detok._stream is not None
 
 
 def test_window_stays_short(tokenizers):
