@@ -6,7 +6,7 @@
 py-spy samples every thread `rate` times a second and leaves out idle ones (blocked in a system
 call), so a thread's samples over the duration's samples is the share of time it was running or
 waiting for the GIL. Per thread: that share, then the functions with the largest inclusive
-share of its samples (a function's own file and line; each stack counts a function once).
+share of its samples (a function and its file, lines together; a stack counts it once).
 Writes benchmarks/results/<out>.{json,md}.
 """
 

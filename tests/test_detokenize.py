@@ -252,3 +252,20 @@ def test_stop_string_of_split_characters(tokenizers):
         if stopped:
             break
     assert stopped and "".join(shown) == "Answer: 42 "
+
+
+def test_padded_byte_tokenizer_gives_every_id_text():
+    """byte_tokenizer(V), the benchmarks' tokenizer for a model of V ids: ids 0..V-1, each
+    non-special one with text, bytes encoded as before; a random model's samples stream
+    through DecodeStream (no hand-over) to decode()'s text."""
+    tok, plain = byte_tokenizer(1000), byte_tokenizer()
+    assert len(tok) == 1000 and sorted(tok.get_vocab().values()) == list(range(1000))
+    assert all(tok.decode([i]) for i in range(259, 1000))
+    assert tok("héllo wörld")["input_ids"] == plain("héllo wörld")["input_ids"]
+    ids = random.Random(0).choices(range(1000), k=300)
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.step(i) for i in ids]
+    assert detok._stream is not None
+    assert "".join(deltas) + detok.flush() == decode(tok, ids)
+    with pytest.raises(ValueError, match="vocab_size"):
+        byte_tokenizer(10**6)
