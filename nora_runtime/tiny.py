@@ -47,12 +47,11 @@ def byte_tokenizer(vocab_size: int | None = None):
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab.update({s: 256 + i for i, s in enumerate(SPECIALS)})
     chars = string.ascii_letters + string.digits  # their own stand-ins in the alphabet
-    words = ["".join(w) for n in (2, 3) for w in itertools.product(chars, repeat=n)]
-    extra = max(0, (vocab_size or 0) - len(vocab))
-    if extra > len(words):
-        raise ValueError(f"vocab_size {vocab_size} > {len(vocab) + len(words)}")
-    first = len(vocab)
-    vocab.update({w: first + i for i, w in enumerate(words[:extra])})
+    words = ("".join(w) for n in (2, 3) for w in itertools.product(chars, repeat=n))  # lazy
+    first, extra = len(vocab), max(0, (vocab_size or 0) - len(vocab))
+    vocab.update({w: first + i for i, w in enumerate(itertools.islice(words, extra))})
+    if len(vocab) < first + extra:  # the 242,172 words ran out
+        raise ValueError(f"vocab_size {vocab_size} > {len(vocab)}")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
