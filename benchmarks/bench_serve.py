@@ -25,8 +25,10 @@ pool of --lora-rows rows; with more adapters than rows, idle ones give their row
 are reloaded from the store on use.
 
 Per run: output tok/s, TTFT / inter-token latency / end-to-end p50 and p99, requests ok and
-failed. Rows: serve_throughput_tok_s (closed loop, fixed, no adapter), throughput_<K>_adapters_
-ratio (closed loop, fixed, K distinct uniform, over no adapter; K the largest uniform set), the
+failed, and CPU-seconds per second of the client (--client-procs processes share the load: one
+asyncio process near a whole core limits the rate it can take tokens at) and of the server.
+Rows: serve_throughput_tok_s (closed loop, fixed, no adapter), throughput_<K>_adapters_ratio
+(closed loop, fixed, K distinct uniform, over no adapter; K the largest uniform set), the
 TTFT / ITL / E2E rows of the no-adapter closed loop, and for every adapter set S
 [lora_]serve_throughput_S_tok_s and _ratio (over no adapter; thousands written k: z1k,
 u100k). Writes benchmarks/results/<out>.{json,md}.
@@ -127,6 +129,15 @@ class Server:
         took = time.perf_counter() - t
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain the pipe
         return took
+
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system, all threads; Linux's /proc),
+        0 where /proc is not there."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -234,17 +245,20 @@ async def one(client, req: Request) -> Result:
 
 
 async def run_load(target: str, reqs: list[Request], rate: str, concurrency: int,
-                   seed: int, channels: int) -> tuple[list[Result], float]:
+                   seed: int, channels: int, barrier=None) -> tuple[list[Result], float, float]:
     """Send `reqs` closed-loop (`concurrency` in flight) or Poisson (`rate` requests/s); the
-    results and the wall time from the first send to the last answer."""
+    results and time.monotonic() at the first send and after the last answer. `barrier` (a
+    multiprocessing.Barrier): wait on it, connected, before the first send."""
     from nora_client import AsyncNoraClient
 
     clients = [AsyncNoraClient(target, timeout=3600, retries=0) for _ in range(channels)]
     try:
         for c in clients:
             await c.channel.channel_ready()
+        if barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
         results: list[Result | None] = [None] * len(reqs)
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         if rate == "closed":
             nxt = iter(range(len(reqs)))
 
@@ -261,16 +275,76 @@ async def run_load(target: str, reqs: list[Request], rate: str, concurrency: int
                 results[i] = await one(clients[i % channels], reqs[i])
 
             for i in range(len(reqs)):
-                delay = t0 + at - time.perf_counter()
+                delay = t0 + at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.ensure_future(send(i)))
                 at += rng.expovariate(lam)
             await asyncio.gather(*tasks)
-        return results, time.perf_counter() - t0
+        return results, t0, time.monotonic()
     finally:
         for c in clients:
             await c.close()
+
+
+_barrier = None  # a client process's start barrier (load_procs)
+
+
+def _set_barrier(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _proc_load(*args) -> tuple[list[Result], float, float, float]:
+    """One client process's share of a load: run_load's answer and its own CPU seconds."""
+    cpu = time.process_time()
+    results, t0, t1 = asyncio.run(run_load(*args, barrier=_barrier))
+    return results, t0, t1, time.process_time() - cpu
+
+
+class Load:
+    """Runs loads from this process (procs = 1, on `loop`) or from `procs` client processes,
+    each sending every procs-th request with its share of the concurrency and channels, all
+    starting together. Measures the clients' and the server's CPU time: a client process near
+    one CPU-second per second limits the rate it can take tokens at, not the server."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, procs: int, server: Server) -> None:
+        self.loop, self.procs, self.server = loop, procs, server
+
+    def __call__(self, reqs: list[Request], rate: str, concurrency: int, seed: int,
+                 channels: int) -> tuple[list[Result], float, dict]:
+        server_cpu = self.server.cpu_seconds()
+        if self.procs == 1:
+            cpu = time.process_time()
+            results, t0, t1 = self.loop.run_until_complete(
+                run_load(self.server.target, reqs, rate, concurrency, seed, channels))
+            cpus = [time.process_time() - cpu]
+        else:
+            results, t0, t1, cpus = self._in_procs(reqs, rate, concurrency, seed, channels)
+        wall = t1 - t0
+        server_cpu = self.server.cpu_seconds() - server_cpu
+        usage = {"client_cpu_share_max": round(max(cpus) / wall, 3),
+                 "server_cpu_s_per_s": round(server_cpu / wall, 3)}
+        return results, wall, usage
+
+    def _in_procs(self, reqs, rate, concurrency, seed, channels):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        n = self.procs
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_set_barrier,
+                                 initargs=(ctx.Barrier(n),)) as pool:
+            futures = [pool.submit(_proc_load, self.server.target, reqs[k::n],
+                                   rate if rate == "closed" else str(float(rate) / n),
+                                   max(1, concurrency // n), seed + k, max(1, channels // n))
+                       for k in range(n)]
+            outs = [f.result() for f in futures]
+        results: list[Result] = [None] * len(reqs)  # type: ignore[list-item]
+        for k, (part, _, _, _) in enumerate(outs):
+            results[k::n] = part
+        return (results, min(o[1] for o in outs), max(o[2] for o in outs),
+                [o[3] for o in outs])
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -362,6 +436,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2,
                    help="unrecorded runs first (on the H200 the first two runs were slower)")
     p.add_argument("--channels", type=int, default=4, help="gRPC channels of the client")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes sharing the load (and --concurrency, --channels)")
     p.add_argument("--max-adapters", type=int, default=None,
                    help="server adapter slots (default: the adapters made, at least 1024)")
     p.add_argument("--adapter-load", default="store", choices=("store", "rpc"))
@@ -434,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     # the client process busy (~100% of a core on the 2-core CPU box), starving the server
     loop = asyncio.new_event_loop()
     run = loop.run_until_complete
+    load = Load(loop, a.client_procs, server)
     try:
         detail["server_start_s"] = server.start()
         info = run(model_info(server.target))
@@ -478,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             reqs = make_requests(a.workloads.split(",")[0], a.num_requests, a.prompt_len,
                                  a.new_tokens, vocab, "none", a.seed + 100 + w,
                                  a.mixed_prompt, a.mixed_output)
-            results, wall = run(run_load(server.target, reqs, "closed", a.concurrency,
-                                                 a.seed, a.channels))
+            results, wall, _ = load(reqs, "closed", a.concurrency, a.seed, a.channels)
             detail.setdefault("warmup_s", []).append(round(time.perf_counter() - t, 2))
             detail.setdefault("warmup_failed", []).append(sum(not r.ok for r in results))
         # closed-loop repeats go round the sets (none, u100k, none, u100k, ...): a drift over
@@ -493,10 +569,9 @@ def main(argv: list[str] | None = None) -> int:
                     workload, a.num_requests, a.prompt_len, a.new_tokens, vocab, adapters,
                     a.seed, a.mixed_prompt, a.mixed_output)
             reqs = made[workload, adapters]
-            results, wall = run(run_load(server.target, reqs, rate, a.concurrency, a.seed,
-                                         a.channels))
+            results, wall, usage = load(reqs, rate, a.concurrency, a.seed, a.channels)
             s = {"workload": workload, "rate": rate, "adapters": adapters, "repeat": rep,
-                 **summarize(results, wall)}
+                 **summarize(results, wall), **usage}
             runs.append(s)
             log(f"{workload:5s} {rate:>6s} {adapters:8s} #{rep}: {s['output_tok_s']:8.0f} "
                 f"tok/s, TTFT p50 {s['ttft_p50_ms'] or 0:.0f} ms, ITL p50 "
@@ -581,17 +656,20 @@ def report(a, argv, runs: list[dict], detail: dict, info, t_all: float) -> dict:
               "adapter sets (none, set 1, ..., none, set 1, ...). Fixed workload: "
               f"{a.num_requests} x ({a.prompt_len} prompt + {a.new_tokens} new tokens), greedy, "
               f"ignore_eos, {a.concurrency} in flight; mixed: prompts {a.mixed_prompt}, outputs "
-              f"{a.mixed_output} tokens (uniform).", "",
+              f"{a.mixed_output} tokens (uniform). Client CPU: CPU-seconds per second of the "
+              f"busiest of {a.client_procs} client process(es) (near 1: the client limits the "
+              "rate); server CPU: the server process's, all threads.", "",
               "| workload | rate | adapters | # | tok/s | req/s | TTFT p50 / p99 ms | "
-              "ITL p50 / p99 ms | E2E p50 / p99 ms | ok | failed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "ITL p50 / p99 ms | E2E p50 / p99 ms | ok | failed | client CPU | server CPU |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(
             f"| {r['workload']} | {r['rate']} | {r['adapters']} | {r['repeat']} | "
             f"{f(r['output_tok_s'], 0)} | {f(r['request_s'], 2)} | {f(r['ttft_p50_ms'])} / "
             f"{f(r['ttft_p99_ms'])} | {f(r['itl_p50_ms'], 2)} / {f(r['itl_p99_ms'], 2)} | "
             f"{f(r['e2e_p50_ms'], 0)} / {f(r['e2e_p99_ms'], 0)} | {r['requests_ok']} | "
-            f"{r['requests_failed']} |")
+            f"{r['requests_failed']} | {f(r.get('client_cpu_share_max'), 2)} | "
+            f"{f(r.get('server_cpu_s_per_s'), 2)} |")
     lines += ["", "Setup: " + ", ".join(f"{k} {f(x, 2) if isinstance(x, float) else x}"
                                          for k, x in doc["detail"].items()
                                          if k != "server_args") + "."]

@@ -38,3 +38,22 @@ def test_bench_serve_smoke(tmp_path):
     assert doc["detail"]["adapters_made"] == 100
     assert doc["detail"]["warmup_failed"] == [0]
     assert out.with_suffix(".md").read_text().startswith("# Serving benchmark")
+
+
+def test_bench_serve_client_processes(tmp_path):
+    """Two client processes share a closed loop and a Poisson run: every request of mixed
+    lengths is answered in full, and the CPU shares of client and server are measured."""
+    out = tmp_path / "serve-procs"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"),
+                           "--workloads", "mixed", "--rates", "closed,50", "--adapters", "none",
+                           "--num-requests", "9", "--concurrency", "4", "--mixed-prompt", "4,16",
+                           "--mixed-output", "2,12", "--repeats", "1", "--warmup", "0",
+                           "--client-procs", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    runs = doc["runs"]
+    assert [r["rate"] for r in runs] == ["closed", "50"]
+    for r in runs:
+        assert r["requests_ok"] == 9 and r["requests_failed"] == 0
+        assert 0 < r["client_cpu_share_max"] and 0 < r["server_cpu_s_per_s"]
