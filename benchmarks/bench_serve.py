@@ -641,7 +641,8 @@ def report(a, argv, runs: list[dict], detail: dict, info, t_all: float) -> dict:
         "detail": {**detail, "total_s": round(time.perf_counter() - t_all, 1)}, "runs": runs}
     out = RESULTS / a.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    # name + suffix, not with_suffix: a name with a dot (serve-swi-0.2) keeps all of it
+    out.parent.joinpath(out.name + ".json").write_text(json.dumps(doc, indent=1) + "\n")
 
     def f(x, d=1):
         return "-" if x is None else f"{x:,.{d}f}"
@@ -673,7 +674,7 @@ def report(a, argv, runs: list[dict], detail: dict, info, t_all: float) -> dict:
     lines += ["", "Setup: " + ", ".join(f"{k} {f(x, 2) if isinstance(x, float) else x}"
                                          for k, x in doc["detail"].items()
                                          if k != "server_args") + "."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.parent.joinpath(out.name + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:8 + len(rows)]))
     return doc
 

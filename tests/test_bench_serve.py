@@ -43,7 +43,7 @@ def test_bench_serve_smoke(tmp_path):
 def test_bench_serve_client_processes(tmp_path):
     """Two client processes share a closed loop and a Poisson run: every request of mixed
     lengths is answered in full, and the CPU shares of client and server are measured."""
-    out = tmp_path / "serve-procs"
+    out = tmp_path / "serve-procs-0.5"  # a dot in the name: all of it is kept
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"),
                            "--workloads", "mixed", "--rates", "closed,50", "--adapters", "none",
                            "--num-requests", "9", "--concurrency", "4", "--mixed-prompt", "4,16",
@@ -51,7 +51,8 @@ def test_bench_serve_client_processes(tmp_path):
                            "--client-procs", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.with_suffix(".json").read_text())
+    doc = json.loads((tmp_path / "serve-procs-0.5.json").read_text())
+    assert (tmp_path / "serve-procs-0.5.md").exists()
     runs = doc["runs"]
     assert [r["rate"] for r in runs] == ["closed", "50"]
     for r in runs:
