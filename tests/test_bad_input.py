@@ -147,6 +147,25 @@ def test_adapter_header_size_and_metadata_depth_limits():
         load_adapter(struct.pack("<Q", len(header)) + header)
 
 
+
+def test_json_depth_limit_at_its_edge():
+    """parse_json takes nesting up to MAX_JSON_DEPTH and refuses one more level, whether the
+    text has few brackets (no scan needed) or many at a shallow depth (scanned), and brackets
+    inside strings do not count."""
+    from nora_runtime.adapter import MAX_JSON_DEPTH, parse_json
+
+    d = MAX_JSON_DEPTH
+    v = parse_json("[" * d + "]" * d, "x")
+    for _ in range(d - 1):
+        v = v[0]
+    assert v == []
+    with pytest.raises(AdapterFormatError, match="x nests deeper"):
+        parse_json("[" * (d + 1) + "]" * (d + 1), "x")
+    shallow = "[" + ",".join(["[]"] * (4 * d)) + "]"  # 4d + 1 brackets, depth 2
+    assert len(parse_json(shallow, "x")) == 4 * d
+    quoted = '["' + "[" * (4 * d) + '"]'  # brackets in a string are text
+    assert parse_json(quoted, "x") == ["[" * (4 * d)]
+
 # ---- finding 6: status messages stay small ----------------------------------------------------
 
 
