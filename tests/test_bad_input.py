@@ -81,8 +81,10 @@ def test_slow_tokenizing_never_starves_other_rpcs(engine):  # noqa: F811
     generation from token ids and adapter loads go on at once."""
     s = ServerThread(engine, tokenize_threads=1, tokenize_queue=0)
     template = engine.tokenizer.chat_template
-    # a real slow call: a chat template that loops (~seconds; jinja caps range() at 100,000)
-    engine.tokenizer.chat_template = ("{% for i in range(10000) %}{% for j in range(8000) %}"
+    # a real slow call: a chat template that loops (jinja caps range() at 100,000): ~10 s on
+    # the CPU box alone; the calls below took 1-3.5 s beside it (they wait for the GIL), too
+    # close to the 4 s of the 80-million-step loop this used to be
+    engine.tokenizer.chat_template = ("{% for i in range(10000) %}{% for j in range(20000) %}"
                                       "{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
     try:
         with s.client(retries=0) as nora:
