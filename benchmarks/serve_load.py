@@ -171,7 +171,9 @@ class Load:
     """Runs loads from this process (procs = 1, on `loop`) or from `procs` client processes,
     each sending every procs-th request with its share of the concurrency and channels, all
     starting together. Measures the clients' and the server's CPU time: a client process near
-    one CPU-second per second limits the rate it can take tokens at, not the server."""
+    one CPU-second per second limits the rate it can take tokens at, not the server. (With
+    client processes the server's count also covers their start, when it idles: a little
+    high.)"""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, procs: int, server: Server) -> None:
         self.loop, self.procs, self.server = loop, procs, server

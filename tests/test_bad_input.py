@@ -149,7 +149,6 @@ def test_adapter_header_size_and_metadata_depth_limits():
         load_adapter(struct.pack("<Q", len(header)) + header)
 
 
-
 def test_json_depth_limit_at_its_edge():
     """parse_json takes nesting up to MAX_JSON_DEPTH and refuses one more level, whether the
     text has few brackets (no scan needed) or many at a shallow depth (scanned), and brackets
@@ -167,6 +166,7 @@ def test_json_depth_limit_at_its_edge():
     assert len(parse_json(shallow, "x")) == 4 * d
     quoted = '["' + "[" * (4 * d) + '"]'  # brackets in a string are text
     assert parse_json(quoted, "x") == ["[" * (4 * d)]
+
 
 # ---- finding 6: status messages stay small ----------------------------------------------------
 
